@@ -1,0 +1,8 @@
+"""lopper: structured pruning of transformer models into standard Hugging Face checkpoints."""
+__version__ = "0.1.0"
+
+from .api import EvalArgs, PlanArgs, PruneArgs, evaluate, load, plan, prune  # noqa: E402
+from .errors import LopperError  # noqa: E402
+from .plan import Plan  # noqa: E402
+
+__all__ = ["EvalArgs", "LopperError", "Plan", "PlanArgs", "PruneArgs", "evaluate", "load", "plan", "prune"]

@@ -1,0 +1,245 @@
+"""The public functions. Each takes one typed dataclass of arguments (or the same names as keywords); the CLI is
+generated from these dataclasses, so a flag and a keyword are always the same thing."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+
+from . import __version__
+from .errors import LopperError
+from .evaluate import count_params, perplexity, planned_params, weights_size
+from .importance import collect, width_scores
+from .io import check_output, load_model, read_config, save
+from .plan import Plan, signature
+from .select import Target, choose, default_round_to, solve_params
+from .surgery import apply
+from .text import calibration_windows
+
+log = logging.getLogger("lopper")
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(kw_only=True)
+class Selection:
+    """What to remove and how to choose it; shared by `plan` and `prune`."""
+
+    model: str = _opt("", "Hugging Face model folder or hub id", positional=True)
+    drop_layers: int = _opt(0, "decoder/encoder layers to remove")
+    heads: float = _opt(0.0, "fraction of attention heads to remove (whole KV groups when a multiple of 1/kv_heads)")
+    mlp: float = _opt(0.0, "fraction of MLP channels to remove")
+    hidden: float = _opt(0.0, "fraction of hidden (embedding) channels to remove")
+    params: float = _opt(0.0, "fraction of non-embedding parameters to remove; lopper picks depth and width")
+    plan: str = _opt("", "replay this plan JSON instead of choosing")
+    calib: str = _opt("", "calibration text file (default: built-in public-domain English)")
+    calib_samples: int = _opt(32, "calibration windows")
+    seq_len: int = _opt(256, "tokens per calibration window")
+    layer_metric: str = _opt("bi", "layer importance", choices=("bi", "angular"))
+    width_metric: str = _opt("activation", "width importance", choices=("magnitude", "activation"))
+    protect_first: int = _opt(1, "first layers never removed")
+    protect_last: int = _opt(1, "last layers never removed")
+    round_to: int = _opt(0, "kept widths are multiples of this (0: from the model's size)")
+    device: str = _opt("cpu", "cpu or cuda")
+    dtype: str = _opt("auto", "compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    quiet: bool = _opt(False, "no progress bars or logs")
+
+    def target(self) -> Target:
+        return Target(drop_layers=self.drop_layers, heads=self.heads, mlp=self.mlp, hidden=self.hidden,
+                      layer_metric=self.layer_metric, protect_first=self.protect_first,
+                      protect_last=self.protect_last, round_to=self.round_to)
+
+    def check(self) -> None:
+        if not self.model:
+            raise LopperError("no model given: pass a Hugging Face model folder or hub id")
+        if not 0.0 <= self.params < 1.0:
+            raise LopperError(f"--params {self.params} is out of range: give the fraction to remove, 0 <= F < 1")
+        if self.params and (self.drop_layers or self.heads or self.mlp or self.hidden):
+            raise LopperError("--params chooses depth and width itself: drop --drop-layers/--heads/--mlp/--hidden")
+        if self.plan and (self.params or self.drop_layers or self.heads or self.mlp or self.hidden):
+            raise LopperError("--plan replays a plan as it is: drop the other selection options")
+        if self.width_metric not in ("magnitude", "activation"):
+            raise LopperError(f"--width-metric {self.width_metric!r} is unknown: use magnitude or activation")
+        self.target().check_fractions()
+
+
+@dataclass(kw_only=True)
+class PlanArgs(Selection):
+    out: str = _opt("", "where to write the plan JSON", required=True)
+    force: bool = _opt(False, "overwrite an existing plan file")
+
+
+@dataclass(kw_only=True)
+class PruneArgs(Selection):
+    out: str = _opt("", "output model folder (written atomically)", required=True)
+    force: bool = _opt(False, "replace an existing output folder")
+    eval_text: str = _opt("", "also report perplexity before and after on this text file")
+    eval_seq_len: int = _opt(512, "window for --eval-text")
+    eval_max_tokens: int = _opt(0, "cap on --eval-text tokens (0: all)")
+
+
+@dataclass(kw_only=True)
+class EvalArgs:
+    model: str = _opt("", "model folder (standard or saved by lopper)", positional=True)
+    text: str = _opt("", "text file for perplexity (causal LMs)")
+    seq_len: int = _opt(512, "tokens per non-overlapping window")
+    max_tokens: int = _opt(0, "cap on tokens read (0: all)")
+    device: str = _opt("cpu", "cpu or cuda")
+    dtype: str = _opt("auto", "compute dtype")
+    json: str = _opt("", "also write the results to this JSON file")
+    quiet: bool = _opt(False, "no progress bars")
+
+
+def _args(cls, args, kwargs):
+    if args is None:
+        return cls(**kwargs)
+    if kwargs:
+        raise TypeError("pass either an arguments dataclass or keywords, not both")
+    return args
+
+
+def make_plan(args: Selection, model, tokenizer, adapter) -> Plan:
+    """Choose the plan for `args` on a loaded model (or read it from args.plan)."""
+    if args.plan:
+        return Plan.load(args.plan)
+    target = args.target()
+    target.round_to = target.round_to or default_round_to(adapter.hidden_size())
+    needs_stats = args.width_metric == "activation" or args.params or target.drop_layers
+    stats = None
+    if needs_stats:
+        if tokenizer is None:
+            raise LopperError(f"{args.model} has no tokenizer files, which calibration needs: add them, or use "
+                              "--width-metric magnitude without --drop-layers/--params")
+        windows = calibration_windows(tokenizer, args.calib or None, args.calib_samples, args.seq_len)
+        stats = collect(model, adapter, windows, quiet=args.quiet)
+    scores = width_scores(adapter, stats, args.width_metric)
+    if args.params:
+        return solve_params(model, adapter, target, stats, scores, args.params)
+    return choose(adapter, target, stats, scores)
+
+
+def plan(args: PlanArgs | None = None, /, **kwargs) -> Plan:
+    """Score and choose without cutting; writes the plan JSON (a dry run of `prune`)."""
+    args = _args(PlanArgs, args, kwargs)
+    args.check()
+    out = Path(args.out)
+    if not args.out:
+        raise LopperError("no --out given: name the plan JSON file to write")
+    if out.exists() and not args.force:
+        raise LopperError(f"--out {out} already exists: choose another path or pass --force")
+    _quiet(args.quiet)
+    model, tok, adapter = load_model(args.model, args.device, args.dtype)
+    p = make_plan(args, model, tok, adapter)
+    p.meta["source"] = args.model
+    p.meta["predicted"] = planned_params(model, type(adapter), p)
+    tmp = out.with_name(f".{out.name}.tmp")
+    p.save(tmp)
+    tmp.replace(out)
+    return p
+
+
+def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
+    """Load, score, plan, cut, save (atomically); returns the report also written as DIR/lopper_report.json."""
+    args = _args(PruneArgs, args, kwargs)
+    args.check()
+    if not args.out:
+        raise LopperError("no --out given: name the output folder")
+    check_output(args.out, args.force, args.model)
+    _quiet(args.quiet)
+    t0 = time.time()
+    saved_dtype = _checkpoint_dtype(read_config(args.model))
+    model, tok, adapter = load_model(args.model, args.device, args.dtype)
+    before = {**count_params(model, adapter), "structures": structures(adapter)}
+    ppl_before = _maybe_ppl(model, tok, args)
+    p = make_plan(args, model, tok, adapter)
+    p.meta["source"] = args.model
+    standard = apply(model, adapter, p)
+    after = {**count_params(model, adapter), "structures": structures(adapter)}
+    report = {
+        "lopper_version": __version__, "source": args.model, "standard_checkpoint": standard,
+        "params_before": before["params"], "params_after": after["params"],
+        "params_non_embedding_before": before["params_non_embedding"],
+        "params_non_embedding_after": after["params_non_embedding"],
+        "structures": {k: {"before": before["structures"][k], "after": after["structures"][k]}
+                       for k in before["structures"]},
+        "plan": p.meta, "args": asdict(args),
+    }
+    if ppl_before:
+        report["perplexity_before"] = ppl_before
+        report["perplexity_after"] = _maybe_ppl(model, tok, args)
+    report["seconds"] = round(time.time() - t0, 2)
+    out = save(model, args.out, source=args.model, tokenizer=tok, plan=p, report=report, dtype=saved_dtype,
+               force=args.force)
+    report["size_bytes_after"] = weights_size(out)
+    if Path(args.model).is_dir():
+        report["size_bytes_before"] = weights_size(args.model)
+    (out / "lopper_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def evaluate(args: EvalArgs | None = None, /, **kwargs) -> dict:
+    """Parameters, size on disk and (for causal LMs, with --text) perplexity."""
+    args = _args(EvalArgs, args, kwargs)
+    if not args.model:
+        raise LopperError("no model given: pass a model folder")
+    _quiet(args.quiet)
+    model, tok, adapter = load_model(args.model, args.device, args.dtype)
+    result = {"model": args.model, **count_params(model, adapter), "structures": structures(adapter)}
+    if Path(args.model).is_dir():
+        result["size_bytes"] = weights_size(args.model)
+    if args.text:
+        if adapter.is_encoder or not hasattr(model, "lm_head"):
+            raise LopperError(f"{args.model} is not a causal LM, so it has no perplexity: drop --text")
+        if tok is None:
+            raise LopperError(f"{args.model} has no tokenizer files: add them to measure perplexity")
+        result.update(perplexity(model, tok, args.text, args.seq_len, args.max_tokens, args.quiet))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def load(path: str, device: str = "cpu", dtype: str = "auto"):
+    """Load a model folder, standard or with a lopper layout (non-uniform widths, BERT heads), for use."""
+    return load_model(path, device, dtype)[0]
+
+
+def structures(adapter) -> dict[str, int | list[int]]:
+    """Counts per structure; a per-layer list where layers differ."""
+    layers = adapter.layers()
+    per = [adapter.layer_widths(l) for l in layers]
+    out: dict = {"layers": len(layers), "hidden": adapter.hidden_size()}
+    for k in per[0]:
+        vals = [w[k] for w in per]
+        out[k] = vals[0] if len(set(vals)) == 1 else vals
+    return out
+
+
+def _maybe_ppl(model, tok, args: PruneArgs):
+    if not getattr(args, "eval_text", "") or tok is None or not hasattr(model, "lm_head"):
+        return None
+    return perplexity(model, tok, args.eval_text, args.eval_seq_len, args.eval_max_tokens, args.quiet)
+
+
+def _checkpoint_dtype(config) -> torch.dtype | None:
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) else None
+
+
+def _quiet(quiet: bool) -> None:
+    logging.basicConfig(format="%(message)s")
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    if quiet:
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    else:
+        transformers.utils.logging.enable_progress_bar()

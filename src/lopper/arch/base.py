@@ -1,0 +1,161 @@
+"""The adapter interface: where the prunable structures of one architecture family live.
+
+Every structure is described as a list of `Part`s: slices of weight tensors that belong to one unit (a query head,
+a KV group, an MLP channel, a hidden channel). Scoring, masking and surgery all read the same Parts, so a family with
+fused projections (one `qkv_proj`) or experts only has to say where its units sit; the cutting code is shared.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Part:
+    """Unit u of a structure owns channels `offset + u*block ... offset + (u+1)*block - 1` of `module.weight` along
+    `dim` (0 = output rows of a Linear, 1 = input columns; dim 1 of an Embedding; dim 0 of a norm)."""
+
+    module: nn.Module
+    dim: int
+    offset: int = 0
+    block: int = 1
+
+    def channels(self, units: list[int]) -> torch.Tensor:
+        u = torch.as_tensor(units, dtype=torch.long)
+        return (self.offset + u[:, None] * self.block + torch.arange(self.block)).flatten()
+
+
+class Adapter:
+    """Base adapter for pre-norm decoders with separate q/k/v/o and a gated MLP (Llama layout).
+
+    Subclasses name their modules; architectures that differ in layout override the `*_parts` methods.
+    """
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    is_encoder: ClassVar[bool] = False
+    has_kv_groups: ClassVar[bool] = True
+    rms_norm: ClassVar[bool] = True  # hidden pruning rescales RMSNorm weights so masked == pruned
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.config = model.config
+
+    # ---- where things live -------------------------------------------------------------------------------
+    def backbone(self) -> nn.Module:
+        return self.model.base_model
+
+    def layers(self) -> nn.ModuleList:
+        return self.backbone().layers
+
+    def set_layers(self, layers: list[nn.Module]) -> None:
+        self.backbone().layers = nn.ModuleList(layers)
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
+
+    def embeddings(self) -> list[nn.Embedding]:
+        return [self.backbone().embed_tokens]
+
+    def lm_head(self) -> nn.Linear | None:
+        return getattr(self.model, "lm_head", None)
+
+    def final_norms(self) -> list[nn.Module]:
+        return [self.backbone().norm]
+
+    def layer_norms(self, layer: nn.Module) -> list[nn.Module]:
+        return [layer.input_layernorm, layer.post_attention_layernorm]
+
+    def mlp_in(self, layer: nn.Module) -> list[nn.Linear]:
+        return [layer.mlp.gate_proj, layer.mlp.up_proj]
+
+    def mlp_out(self, layer: nn.Module) -> nn.Linear:
+        return layer.mlp.down_proj
+
+    # ---- parts per structure ------------------------------------------------------------------------------
+    def head_parts(self, layer: nn.Module) -> list[Part]:
+        a, d = self.attention(layer), self.head_dim()
+        return [Part(a.q_proj, 0, block=d), Part(a.o_proj, 1, block=d)]
+
+    def kv_parts(self, layer: nn.Module) -> list[Part]:
+        a, d = self.attention(layer), self.head_dim()
+        return [Part(a.k_proj, 0, block=d), Part(a.v_proj, 0, block=d)]
+
+    def mlp_parts(self, layer: nn.Module) -> list[Part]:
+        return [Part(m, 0) for m in self.mlp_in(layer)] + [Part(self.mlp_out(layer), 1)]
+
+    def readers(self, layer: nn.Module) -> list[nn.Linear]:
+        """Linears that read the (normed) residual stream: hidden channels are their input columns."""
+        a = self.attention(layer)
+        return [a.q_proj, a.k_proj, a.v_proj, *self.mlp_in(layer)]
+
+    def writers(self, layer: nn.Module) -> list[nn.Linear]:
+        """Linears that write into the residual stream: hidden channels are their output rows."""
+        return [self.attention(layer).o_proj, self.mlp_out(layer)]
+
+    def hidden_parts(self) -> list[Part]:
+        parts = [Part(e, 1) for e in self.embeddings()]
+        for layer in self.layers():
+            parts += [Part(m, 1) for m in self.readers(layer)]
+            parts += [Part(m, 0) for m in self.writers(layer)]
+            parts += [Part(n, 0) for n in self.layer_norms(layer)]
+        parts += [Part(n, 0) for n in self.final_norms()]
+        if self.lm_head() is not None:
+            parts.append(Part(self.lm_head(), 1))
+        return parts
+
+    # ---- sizes --------------------------------------------------------------------------------------------
+    def layer_widths(self, layer: nn.Module) -> dict[str, int]:
+        """Current widths of one layer, read off the weights (so it is right after surgery too)."""
+        d = self.head_dim()
+        a = self.attention(layer)
+        widths = {"heads": self.head_parts(layer)[0].module.weight.shape[0] // d,
+                  "mlp": self.mlp_out(layer).weight.shape[1]}
+        if self.has_kv_groups:
+            widths["kv_heads"] = a.k_proj.weight.shape[0] // d
+        return widths
+
+    def hidden_size(self) -> int:
+        return self.embeddings()[0].weight.shape[1]
+
+    def embedding_params(self) -> list[nn.Parameter]:
+        params = [e.weight for e in self.embeddings()]
+        if self.lm_head() is not None:
+            params.append(self.lm_head().weight)
+        return params
+
+    # ---- after surgery ------------------------------------------------------------------------------------
+    def set_layer_attrs(self, layer: nn.Module, index: int) -> None:
+        """Fix module attributes that forward() reads, after the weights of `layer` were cut."""
+        a, w = self.attention(layer), self.layer_widths(layer)
+        a.layer_idx = index
+        a.num_key_value_groups = w["heads"] // w["kv_heads"]
+
+    def config_updates(self, widths: dict[str, int], kept_layers: list[int], hidden_before: int) -> dict:
+        """New config values for uniform `widths` (heads, kv_heads, mlp, hidden) and the kept layer indices."""
+        c = self.config
+        upd = {"num_hidden_layers": len(kept_layers), "num_attention_heads": widths["heads"],
+               "num_key_value_heads": widths["kv_heads"], "intermediate_size": widths["mlp"],
+               "hidden_size": widths["hidden"], "head_dim": self.head_dim()}
+        if widths["hidden"] != hidden_before:
+            upd["rms_norm_eps"] = c.rms_norm_eps * hidden_before / widths["hidden"]
+        if getattr(c, "layer_types", None) is not None:
+            upd["layer_types"] = [c.layer_types[i] for i in kept_layers]
+        if getattr(c, "max_window_layers", None) is not None:
+            upd["max_window_layers"] = sum(1 for i in kept_layers if i < c.max_window_layers)
+        return upd
+
+    def check_config(self, updates: dict) -> str | None:
+        """None if the config class accepts these values, else its complaint."""
+        d = self.config.to_dict()
+        d.update(updates)
+        try:
+            type(self.config).from_dict(d)
+        except Exception as e:  # config classes raise ValueError, TypeError or their own validation errors
+            return " ".join(str(e).split()[-40:])
+        return None

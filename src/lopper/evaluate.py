@@ -1,0 +1,70 @@
+"""What a pruned model is measured by: perplexity, parameter counts, size on disk."""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import Adapter
+from .plan import Plan
+from .text import read_text, token_stream
+
+
+def count_params(model: nn.Module, adapter: Adapter) -> dict[str, int]:
+    """Total parameters (tied ones once) and those outside the embeddings and lm_head."""
+    unique = {id(p): p.numel() for p in model.parameters()}
+    embed = {id(p): p.numel() for p in adapter.embedding_params()}
+    total = sum(unique.values())
+    return {"params": total, "params_non_embedding": total - sum(embed.values())}
+
+
+def planned_params(model: nn.Module, adapter_cls: type[Adapter], plan: Plan) -> dict[str, int]:
+    """Parameter counts the plan would give, computed on an empty (meta-device) copy: exact, and cheap."""
+    from .surgery import apply
+
+    with init_empty_weights():
+        shell = type(model)._from_config(copy.deepcopy(model.config))
+    shell_adapter = adapter_cls(shell)
+    logger = logging.getLogger("lopper")
+    level, logger.level = logger.level, logging.ERROR
+    try:
+        apply(shell, shell_adapter, plan)
+    finally:
+        logger.level = level
+    return count_params(shell, shell_adapter)
+
+
+def weights_size(folder: str | Path) -> int:
+    """Bytes of weight files in a model folder."""
+    files = [f for f in Path(folder).iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth")]
+    return sum(f.stat().st_size for f in files)
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer, text_path: str | Path, seq_len: int = 512, max_tokens: int = 0,
+               quiet: bool = False) -> dict:
+    """exp(total NLL / total predicted tokens) over non-overlapping windows of `seq_len` tokens of one stream;
+    a window predicts seq_len - 1 tokens. The last partial window is dropped."""
+    stream = token_stream(tokenizer, read_text(text_path, "--text"))
+    if max_tokens:
+        stream = stream[:max_tokens]
+    windows = len(stream) // seq_len
+    if windows == 0:
+        from .errors import LopperError
+        raise LopperError(f"--text {text_path} has {len(stream)} tokens, fewer than one window of --seq-len "
+                          f"{seq_len}: give a longer text or a smaller --seq-len")
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for w in tqdm(range(windows), desc="perplexity", disable=quiet, leave=False):
+        ids = stream[w * seq_len:(w + 1) * seq_len][None].to(device)
+        logits = model(input_ids=ids).logits.float()
+        nll += torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
+        count += seq_len - 1
+    return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": windows,
+            "seq_len": seq_len}

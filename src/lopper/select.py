@@ -1,0 +1,188 @@
+"""From scores and a target to a plan: which layers, heads, KV groups and channels to keep.
+
+Rules: protected first/last layers are never dropped; widths are uniform across layers (a standard checkpoint),
+rounded to a multiple of `round_to` and accepted by the model's config class; no structure is ever emptied.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .arch import Adapter
+from .errors import LopperError
+from .importance import Stats, WidthScores, block_angular, block_influence
+from .plan import Plan, identity_plan
+
+
+@dataclass
+class Target:
+    drop_layers: int = 0
+    heads: float = 0.0
+    mlp: float = 0.0
+    hidden: float = 0.0
+    layer_metric: str = "bi"
+    protect_first: int = 1
+    protect_last: int = 1
+    round_to: int = 0  # 0: chosen from the model's size
+
+    def check_fractions(self) -> None:
+        for name in ("heads", "mlp", "hidden"):
+            f = getattr(self, name)
+            if not 0.0 <= f < 1.0:
+                raise LopperError(f"--{name} {f} is out of range: give the fraction to remove, 0 <= F < 1")
+        if self.drop_layers < 0:
+            raise LopperError(f"--drop-layers {self.drop_layers} is negative: give the number of layers to remove")
+
+    def check(self, num_layers: int) -> None:
+        self.check_fractions()
+        free = num_layers - self.protect_first - self.protect_last
+        if self.drop_layers > max(free, 0):
+            raise LopperError(f"--drop-layers {self.drop_layers} is out of range: this model has {num_layers} layers "
+                              f"and {max(free, 0)} unprotected; lower --drop-layers or --protect-first/--protect-last")
+        if self.layer_metric not in ("bi", "angular"):
+            raise LopperError(f"--layer-metric {self.layer_metric!r} is unknown: use bi or angular")
+
+
+def default_round_to(hidden: int) -> int:
+    """Kept widths are multiples of this: 64 for billion-parameter shapes (GPU tiles), smaller for tiny models."""
+    return 64 if hidden >= 2048 else 32 if hidden >= 1024 else 8 if hidden >= 256 else 1
+
+
+def choose(adapter: Adapter, target: Target, stats: Stats | None, scores: WidthScores) -> Plan:
+    plan = identity_plan(adapter)
+    n = len(plan.layers)
+    target.check(n)
+    k = target.round_to or default_round_to(adapter.hidden_size())
+    plan.layers = _keep_layers(stats, target, n)
+    sig = plan.model
+    n_heads, mlp0 = sig["heads"][0], sig["mlp"][0]
+    if target.mlp:
+        keep = _round_width(mlp0 * (1 - target.mlp), k, mlp0)
+        for i in plan.layers:
+            plan.per_layer[i]["mlp"] = _top(scores.mlp[i], keep)
+    heads_keep, kv_keep = n_heads, sig.get("kv_heads", [None])[0]
+    if target.heads:
+        heads_keep, kv_keep = _head_counts(adapter, target.heads, n_heads, kv_keep)
+        for i in plan.layers:
+            plan.per_layer[i].update(_pick_heads(scores, i, n_heads, kv_keep, heads_keep, sig))
+    if target.hidden:
+        h0 = sig["hidden"]
+        keep = _round_width(h0 * (1 - target.hidden), k, h0)
+        keep = _valid_hidden(adapter, keep, k, heads_keep)
+        plan.hidden = _top(scores.hidden, keep)
+    plan.meta = {"target": vars(target) | {"round_to": k}}
+    return plan
+
+
+def _keep_layers(stats: Stats | None, t: Target, n: int) -> list[int]:
+    if not t.drop_layers:
+        return list(range(n))
+    lo, hi = t.protect_first, n - t.protect_last  # droppable layers are lo .. hi-1
+    if t.layer_metric == "bi":
+        bi = block_influence(stats)
+        gone = sorted(range(lo, hi), key=lambda i: bi[i])[:t.drop_layers]
+    else:
+        dist = block_angular(stats, t.drop_layers)
+        start = min(range(lo, hi - t.drop_layers + 1), key=lambda i: dist[i])
+        gone = range(start, start + t.drop_layers)
+    return [i for i in range(n) if i not in set(gone)]
+
+
+def _round_width(want: float, k: int, full: int) -> int:
+    return max(k, min(full, int(round(want / k)) * k)) if full >= k else max(1, round(want))
+
+
+def _top(score: torch.Tensor, keep: int) -> list[int]:
+    return sorted(torch.topk(score, keep).indices.tolist())
+
+
+def _head_counts(adapter: Adapter, frac: float, n_heads: int, n_kv: int | None) -> tuple[int, int | None]:
+    """Kept (query heads, KV heads). GQA: whole KV groups when frac is a multiple of 1/n_kv, else query heads
+    within every group. The count is the nearest one the config class accepts."""
+    if n_kv is None or n_kv == n_heads:
+        candidates = [(h, None if n_kv is None else h) for h in range(1, n_heads + 1)]
+    else:
+        group = n_heads // n_kv
+        groups_gone = frac * n_kv
+        if abs(groups_gone - round(groups_gone)) < 1e-6 and round(groups_gone) < n_kv:
+            candidates = [(g * group, g) for g in range(1, n_kv + 1)]
+        else:
+            candidates = [(n_kv * q, n_kv) for q in range(1, group + 1)]
+    want = n_heads * (1 - frac)
+    ok = [c for c in candidates if _heads_valid(adapter, c)]
+    if not ok:
+        raise LopperError(f"no head count for --heads {frac} is accepted by {type(adapter.config).__name__}: "
+                          "try another fraction")
+    return min(ok, key=lambda c: (abs(c[0] - want), -c[0]))
+
+
+def _heads_valid(adapter: Adapter, counts: tuple[int, int | None]) -> bool:
+    c = adapter.config
+    upd = {"num_attention_heads": counts[0], "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+           "num_hidden_layers": c.num_hidden_layers}
+    if counts[1] is not None:
+        upd["num_key_value_heads"] = counts[1]
+    return adapter.is_encoder or adapter.check_config(upd) is None
+
+
+def _pick_heads(scores: WidthScores, i: int, n_heads: int, kv_keep: int | None, heads_keep: int,
+                sig: dict) -> dict[str, list[int]]:
+    if kv_keep is None:
+        return {"heads": _top(scores.heads[i], heads_keep)}
+    n_kv = sig["kv_heads"][i]
+    group = n_heads // n_kv
+    kv = _top(scores.kv_heads[i], kv_keep)
+    per_group = heads_keep // kv_keep
+    heads = []
+    for g in kv:
+        local = scores.heads[i][g * group:(g + 1) * group]
+        heads += [g * group + j for j in _top(local, per_group)]
+    return {"heads": sorted(heads), "kv_heads": kv}
+
+
+def _valid_hidden(adapter: Adapter, keep: int, k: int, heads: int) -> int:
+    """The nearest multiple of k (searching down, then up) that the config accepts with `heads` heads."""
+    if adapter.is_encoder:
+        return keep
+    full = adapter.hidden_size()
+    for cand in sorted(range(k, full + 1, k), key=lambda h: (abs(h - keep), h)):
+        upd = {"hidden_size": cand, "num_attention_heads": heads, "intermediate_size": adapter.config.intermediate_size,
+               "num_hidden_layers": adapter.config.num_hidden_layers}
+        if adapter.check_config(upd) is None:
+            return cand
+    raise LopperError(f"no hidden width near {keep} fits {type(adapter.config).__name__} with {heads} heads: "
+                      "change --hidden or --round-to")
+
+
+def solve_params(model, adapter: Adapter, target: Target, stats: Stats, scores: WidthScores, frac: float) -> Plan:
+    """Remove `frac` of the non-embedding parameters: about half by depth (block influence, the cheapest cut in
+    quality per parameter on the figures in docs), the rest by MLP width, then heads if MLP alone cannot reach it.
+    Counts are exact (the candidate plan is applied to an empty copy), and the closest plan is returned."""
+    from .evaluate import count_params, planned_params
+
+    n = len(adapter.layers())
+    free = n - target.protect_first - target.protect_last
+    base = count_params(model, adapter)["params_non_embedding"]
+
+    def removed(t: Target) -> tuple[float, Plan]:
+        p = choose(adapter, t, stats, scores)
+        return 1 - planned_params(model, type(adapter), p)["params_non_embedding"] / base, p
+
+    t = Target(**{**vars(target), "drop_layers": max(0, min(free, int(frac * n / 2)))})
+    best = None
+    for heads in (0.0, 0.25, 0.5):
+        t.heads = heads
+        lo, hi = 0.0, 0.95
+        for _ in range(12):  # bisection on the MLP fraction; plans change in round_to steps, so 12 is plenty
+            t.mlp = (lo + hi) / 2
+            got, p = removed(t)
+            if best is None or abs(got - frac) < abs(best[0] - frac):
+                best = (got, p)
+            lo, hi = (t.mlp, hi) if got < frac else (lo, t.mlp)
+        if abs(best[0] - frac) < 0.01:
+            break
+    got, p = best
+    p.meta["params"] = {"target": frac, "removed": round(got, 4), "choice": p.meta["target"]}
+    return p

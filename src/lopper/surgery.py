@@ -1,0 +1,155 @@
+"""Cut a model to a plan: slice weights, drop layers, rewrite the config, renumber layer_idx. The one place that
+changes weights and config; `mask` zeroes the same units instead, which is what the tests compare against."""
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from .arch import Adapter, Part
+from .plan import Plan, validate
+
+log = logging.getLogger("lopper")
+
+
+def removed_cuts(adapter: Adapter, plan: Plan) -> dict[tuple[nn.Module, int], torch.Tensor]:
+    """(module, dim) -> channel indices to remove, merged over every structure that touches that module."""
+    cuts: dict[tuple[nn.Module, int], list[torch.Tensor]] = defaultdict(list)
+    sig = plan.model
+
+    def add(parts: list[Part], keep: list[int], n: int) -> None:
+        gone = sorted(set(range(n)) - set(keep))
+        if gone:
+            for p in parts:
+                cuts[(p.module, p.dim)].append(p.channels(gone))
+
+    layers = adapter.layers()
+    for i in plan.layers:
+        layer, entry = layers[i], plan.per_layer[i]
+        add(adapter.head_parts(layer), entry["heads"], sig["heads"][i])
+        add(adapter.mlp_parts(layer), entry["mlp"], sig["mlp"][i])
+        if adapter.has_kv_groups:
+            add(adapter.kv_parts(layer), entry["kv_heads"], sig["kv_heads"][i])
+    kept = set(plan.layers)
+    dropped = {id(m) for i, layer in enumerate(layers) if i not in kept for m in layer.modules()}
+    add([p for p in adapter.hidden_parts() if id(p.module) not in dropped], plan.hidden, sig["hidden"])
+    return {k: torch.cat(v).unique() for k, v in cuts.items()}
+
+
+def mask(model: nn.Module, adapter: Adapter, plan: Plan) -> list:
+    """Zero, in place, every unit the plan removes; dropped layers pass their input through (a forward hook).
+    Returns the hook handles. The pruned model must compute what this masked model computes."""
+    validate(plan, adapter)
+    with torch.no_grad():
+        for (module, dim), gone in removed_cuts(adapter, plan).items():
+            module.weight.index_fill_(dim, gone.to(module.weight.device), 0.0)
+            if dim == 0 and getattr(module, "bias", None) is not None:
+                module.bias.index_fill_(0, gone.to(module.bias.device), 0.0)
+    kept = set(plan.layers)
+    return [layer.register_forward_hook(_passthrough, with_kwargs=True)
+            for i, layer in enumerate(adapter.layers()) if i not in kept]
+
+
+def _passthrough(module, args, kwargs, output):
+    x = args[0] if args else kwargs["hidden_states"]
+    return (x, *output[1:]) if isinstance(output, tuple) else x
+
+
+def apply(model: nn.Module, adapter: Adapter, plan: Plan) -> bool:
+    """Cut `model` to `plan` in place. Returns True if the result is a standard checkpoint for its config class
+    (uniform widths the class accepts); otherwise the config keeps the original widths and only `lopper.load()`
+    can rebuild the model from the saved plan."""
+    validate(plan, adapter)
+    hidden_before = adapter.hidden_size()
+    cuts = removed_cuts(adapter, plan)
+    with torch.no_grad():
+        _drop_layers(adapter, plan.layers)
+        memo: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
+        for (module, dim), gone in cuts.items():
+            _slice(module, dim, gone, memo)
+        if adapter.rms_norm and len(plan.hidden) != hidden_before:
+            _rescale_rms_norms(adapter, hidden_before / len(plan.hidden))
+    for j, layer in enumerate(adapter.layers()):
+        adapter.set_layer_attrs(layer, j)
+    return _rewrite_config(adapter, plan, hidden_before)
+
+
+def _drop_layers(adapter: Adapter, keep: list[int]) -> None:
+    layers = adapter.layers()
+    if len(keep) != len(layers):
+        log.info("layers: %d -> %d (dropped %s)", len(layers), len(keep),
+                 sorted(set(range(len(layers))) - set(keep)))
+        adapter.set_layers([layers[i] for i in keep])
+
+
+def _slice(module: nn.Module, dim: int, gone: torch.Tensor, memo: dict) -> None:
+    """Keep the complement of `gone` along `dim` of module.weight (and of the bias, for output rows and norms).
+    Tied parameters are cut once and re-shared through `memo`, which holds (old, new) so that no id is reused."""
+    w = module.weight
+    key = (id(w), dim)
+    if key not in memo:
+        keep = _complement(gone, w.shape[dim]).to(w.device)
+        memo[key] = (w, nn.Parameter(w.index_select(dim, keep).contiguous(), requires_grad=w.requires_grad))
+        bias = getattr(module, "bias", None)
+        if dim == 0 and bias is not None:
+            module.bias = nn.Parameter(bias.index_select(0, keep).contiguous(), requires_grad=bias.requires_grad)
+    module.weight = memo[key][1]
+    _resize_attrs(module)
+
+
+def _complement(gone: torch.Tensor, n: int) -> torch.Tensor:
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[gone] = False
+    return keep.nonzero().flatten()
+
+
+def _resize_attrs(module: nn.Module) -> None:
+    shape = module.weight.shape
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = shape
+    elif isinstance(module, nn.Embedding):
+        module.embedding_dim = shape[1]
+    elif isinstance(module, nn.LayerNorm):
+        module.normalized_shape = (shape[0],)
+
+
+def _rescale_rms_norms(adapter: Adapter, ratio: float) -> None:
+    """RMSNorm over d' kept channels equals RMSNorm over all d channels with the removed ones zeroed if the weight is
+    scaled by sqrt(d/d') and eps by d/d' (the eps change goes into the config). Minitron skips this; it matters once
+    the removed channels carry little energy, which is what the importance scores select for."""
+    norms = [n for layer in adapter.layers() for n in adapter.layer_norms(layer)] + adapter.final_norms()
+    for n in norms:
+        n.weight.mul_(math.sqrt(ratio))
+        if hasattr(n, "variance_epsilon"):
+            n.variance_epsilon *= ratio
+        elif hasattr(n, "eps"):
+            n.eps *= ratio
+
+
+def _rewrite_config(adapter: Adapter, plan: Plan, hidden_before: int) -> bool:
+    config, widths = adapter.config, plan.uniform_widths()
+    standard = widths is not None
+    if standard:
+        updates = adapter.config_updates(widths, plan.layers, hidden_before)
+        problem = adapter.check_config(updates)
+        standard = problem is None
+        if problem:
+            log.warning("the pruned widths are not a standard %s (%s): the checkpoint needs lopper.load()",
+                        type(config).__name__, problem)
+    if not standard:
+        config.lopper_layout = "plan"  # config keeps the original widths; lopper.load() replays the plan
+        return False
+    for k, v in updates.items():
+        old = getattr(config, k, None)
+        if old != v:
+            log.info("config.%s: %s -> %s", k, _brief(old), _brief(v))
+            setattr(config, k, v)
+    return True
+
+
+def _brief(v) -> str:
+    s = str(v)
+    return s if len(s) < 80 else s[:77] + "..."
