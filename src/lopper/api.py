@@ -118,7 +118,8 @@ def make_plan(args: Selection, model, tokenizer, adapter) -> Plan:
         if tokenizer is None:
             raise LopperError(f"{args.model} has no tokenizer files, which calibration needs: add them, or use "
                               "--width-metric magnitude without --drop-layers/--params")
-        windows = calibration_windows(tokenizer, args.calib or None, args.calib_samples, args.seq_len)
+        seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", None) or args.seq_len)
+        windows = calibration_windows(tokenizer, args.calib or None, args.calib_samples, seq_len)
         stats = collect(model, adapter, windows, quiet=args.quiet)
     scores = width_scores(adapter, stats, args.width_metric)
     if args.params:

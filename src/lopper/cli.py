@@ -60,12 +60,25 @@ def _print_summary(command: str, result) -> None:
     if command == "plan":
         print(json.dumps({"layers_kept": len(result.layers), **result.meta.get("predicted", {})}))
     elif command == "prune":
-        keys = ("params_before", "params_after", "params_non_embedding_before", "params_non_embedding_after",
-                "size_bytes_before", "size_bytes_after", "standard_checkpoint")
-        print(json.dumps({k: result[k] for k in keys if k in result} |
-                         {"structures": result["structures"]}, indent=1))
+        print(report_table(result))
     else:
         print(json.dumps(result, indent=1))
+
+
+def report_table(r: dict) -> str:
+    """before -> after for every count the report holds."""
+    rows = [("params", r["params_before"], r["params_after"]),
+            ("params (non-embedding)", r["params_non_embedding_before"], r["params_non_embedding_after"])]
+    if "size_bytes_before" in r:
+        rows.append(("weights on disk (MB)", r["size_bytes_before"] / 1e6, r["size_bytes_after"] / 1e6))
+    rows += [(k, v["before"], v["after"]) for k, v in r["structures"].items()]
+    if "perplexity_before" in r:
+        rows.append(("perplexity", r["perplexity_before"]["perplexity"], r["perplexity_after"]["perplexity"]))
+    fmt = lambda v: f"{v:,.2f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
+    lines = ["| | before | after |", "|---|---:|---:|"] + [f"| {n} | {fmt(a)} | {fmt(b)} |" for n, a, b in rows]
+    if not r["standard_checkpoint"]:
+        lines.append("note: widths outside what the config class can describe; load with lopper.load()")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -100,7 +100,12 @@ def _load_replayed(source: str, config, dtype: torch.dtype):
     return model.to(dtype)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "tokenizer_config.json")
+
+
 def _tokenizer(source: str):
+    if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
+        return None  # transformers would build an empty tokenizer that yields no tokens
     try:
         return transformers.AutoTokenizer.from_pretrained(source)
     except Exception:  # a model folder without tokenizer files: fine for magnitude-only pruning

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny model folders (model + tokenizer), built once per session and copied per use on request."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download anything
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from tiny import save_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """model_dir(family, **tiny_config kwargs) -> folder with config, safetensors and tokenizer. Cached: treat it as
+    read-only (tests that damage a folder use `model_copy`)."""
+    cache: dict = {}
+
+    def make(family: str, seed: int = 0, **kw) -> Path:
+        key = (family, seed, tuple(sorted(kw.items())))
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"{family}-model")
+            cache[key] = Path(save_tiny(folder, family, seed=seed, **kw))
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def model_copy(model_dir, tmp_path):
+    """A private, writable copy of a cached model folder."""
+    def make(family: str, **kw) -> Path:
+        dest = tmp_path / f"{family}-copy"
+        shutil.copytree(model_dir(family, **kw), dest)
+        return dest
+    return make

@@ -1,0 +1,241 @@
+"""Surgery is exact: a physically pruned model computes what the original computes with the same units zeroed
+(`lopper.surgery.mask`), for every family, tied and untied embeddings, and every structure; pruning nothing changes
+nothing. Architectures and plans are drawn by hypothesis."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lopper import surgery
+from lopper.arch import adapter_for
+from lopper.plan import Plan, identity_plan
+from tiny import DECODERS, FAMILIES, tiny_model
+
+KINDS = ("layers", "heads", "kv", "mlp", "hidden", "all")
+# hidden channels are not mask-equivalent under BERT's LayerNorm; BERT has no KV groups
+BERT_KINDS = ("layers", "heads", "mlp", "all")
+TOL = 1e-4
+INIT = 0.2  # large random weights: any wrongly kept or dropped unit moves the outputs by O(1), not O(1e-2)
+
+FAST = settings(max_examples=15, deadline=None)
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())  # shared (tied) parameters once
+
+
+def forward(model, ids):
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+# ---- strategies ----------------------------------------------------------------------------------------------------
+@st.composite
+def archs(draw, kind: str, family=None, tied=None) -> dict:
+    """A random tiny architecture on which a plan of `kind` can remove something."""
+    if family is None:
+        family = draw(st.sampled_from(FAMILIES if kind in BERT_KINDS else DECODERS))
+    if tied is None:
+        tied = family != "bert" and draw(st.booleans())
+    kv = draw(st.integers(2 if kind == "kv" else 1, 3))
+    group = draw(st.integers(2 if kind == "heads" else 1, 3))
+    kw = dict(layers=draw(st.integers(2, 4)), heads=kv * group, kv_heads=kv, head_dim=draw(st.sampled_from([4, 8])),
+              mlp=draw(st.integers(8, 40)), tied=tied)
+    if family == "bert":
+        del kw["kv_heads"], kw["tied"]
+    return {"family": family, "seed": draw(st.integers(0, 2**16)), **kw}
+
+
+def kept(data, n: int, label: str, strict: bool, least: int = 1) -> list[int]:
+    """A sorted subset of range(n) of at least `least` (>= 1) elements; a proper subset when `strict`."""
+    size = data.draw(st.integers(least, n - 1 if strict else n), label=f"{label} count")
+    return sorted(data.draw(st.permutations(range(n)), label=label)[:size])
+
+
+def draw_heads(data, plan: Plan, i: int, groups_mode: str, q_mode: str) -> None:
+    """Kept KV groups and query heads of layer i under the GQA rule: kept query heads belong to kept groups and every
+    kept group keeps the same number of them. Modes: 'all' keeps all, 'strict' drops at least one (KV groups / query
+    heads in each kept group), 'any' keeps a random non-empty subset."""
+    sig, entry = plan.model, plan.per_layer[i]
+    n_heads = sig["heads"][i]
+
+    def subset(n, mode, label):
+        return list(range(n)) if mode == "all" else kept(data, n, label, strict=mode == "strict" and n > 1)
+
+    if "kv_heads" not in entry:  # BERT: any subset of heads
+        mode = "strict" if "strict" in (groups_mode, q_mode) else "all" if groups_mode == q_mode == "all" else "any"
+        entry["heads"] = subset(n_heads, mode, f"layer {i} heads")
+        return
+    n_kv = sig["kv_heads"][i]
+    group = n_heads // n_kv
+    groups = subset(n_kv, groups_mode, f"layer {i} kv groups")
+    hi = group - 1 if q_mode == "strict" and group > 1 else group
+    count = group if q_mode == "all" else data.draw(st.integers(1, hi), label=f"layer {i} query heads per group")
+    heads = []
+    for g in groups:
+        heads += [g * group + j for j in data.draw(st.permutations(range(group)), label=f"layer {i} group {g}")[:count]]
+    entry["kv_heads"], entry["heads"] = groups, sorted(heads)
+
+
+def draw_plan(data, adapter, kind: str) -> Plan:
+    """A random valid plan of `kind` that removes at least one unit of that structure (of every structure for 'all'):
+    every kept layer gets a random subset, and the first kept layer always loses something."""
+    plan = identity_plan(adapter)
+    sig = plan.model
+    if kind in ("layers", "all"):
+        plan.layers = kept(data, sig["num_layers"], "layers", strict=True)
+    for n, i in enumerate(plan.layers):
+        must = n == 0
+        if kind == "heads":
+            draw_heads(data, plan, i, "all", "strict" if must else "any")
+        elif kind == "kv":
+            draw_heads(data, plan, i, "strict" if must else "any", "all")
+        elif kind == "all":
+            several_groups = sig.get("kv_heads", [1] * (i + 1))[i] > 1
+            draw_heads(data, plan, i, "strict" if must and several_groups else "any",
+                       "strict" if must and not several_groups else "any")
+        if kind in ("mlp", "all"):
+            plan.per_layer[i]["mlp"] = kept(data, sig["mlp"][i], f"layer {i} mlp", strict=must)
+    if kind == "hidden" or (kind == "all" and not adapter.is_encoder):
+        # at least half the channels: a token whose few kept channels are all near zero makes the next RMSNorm
+        # amplify float32 rounding (not a surgery error) past the tolerance
+        plan.hidden = kept(data, sig["hidden"], "hidden", strict=True, least=max(1, sig["hidden"] // 2))
+    return plan
+
+
+# ---- checks --------------------------------------------------------------------------------------------------------
+def check_pruned_equals_masked(arch: dict, plan_of) -> None:
+    model = tiny_model(init=INIT, **arch)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(arch["seed"]))
+    original = forward(model, ids)
+    plan = plan_of(adapter_for(model))
+
+    masked = copy.deepcopy(model)
+    surgery.mask(masked, adapter_for(masked), plan)
+    expected = forward(masked, ids)
+    assert (expected - original).abs().max() > 1e-3, "the plan removes nothing that the outputs can see"
+
+    before = n_params(model)
+    standard = surgery.apply(model, adapter_for(model), plan)
+    assert n_params(model) < before
+    got = forward(model, ids)
+    assert got.shape == expected.shape
+    diff = (got - expected).abs().max().item()
+    assert diff < TOL, f"pruned differs from masked by {diff} for plan {plan.to_json()}"
+
+    # the cut model has exactly the plan's shapes, and tied embeddings stay tied
+    adapter = adapter_for(model)
+    assert len(adapter.layers()) == len(plan.layers)
+    assert adapter.hidden_size() == len(plan.hidden)
+    for layer, i in zip(adapter.layers(), plan.layers):
+        assert adapter.layer_widths(layer) == {k: len(v) for k, v in plan.per_layer[i].items()}
+    if arch.get("tied"):
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+    if standard:
+        check_rebuilds_from_config(model, ids, got)
+
+
+def check_rebuilds_from_config(model, ids, expected) -> None:
+    """A standard checkpoint: the rewritten config alone builds a model that takes the weights and computes the
+    same thing, with the same norm epsilons everywhere."""
+    fresh = type(model)(copy.deepcopy(model.config)).eval()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        fresh.tie_weights()
+    for (name, a), (_, b) in zip(model.named_modules(), fresh.named_modules()):
+        for attr in ("variance_epsilon", "eps"):
+            if hasattr(a, attr):
+                assert math.isclose(getattr(a, attr), getattr(b, attr), rel_tol=1e-9), f"{name}.{attr}"
+    assert (forward(fresh, ids) - expected).abs().max().item() < 1e-5
+
+
+# ---- tests ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+@FAST
+@given(data=st.data())
+def test_pruned_equals_masked_random_architectures(kind, data):
+    arch = data.draw(archs(kind), label="arch")
+    check_pruned_equals_masked(arch, lambda adapter: draw_plan(data, adapter, kind))
+
+
+COVERAGE = [(f, t, k) for f in FAMILIES for t in ((False,) if f == "bert" else (False, True))
+            for k in (BERT_KINDS if f == "bert" else KINDS)]
+
+
+@pytest.mark.parametrize("family,tied,kind", COVERAGE)
+@settings(max_examples=3, deadline=None)
+@given(data=st.data())
+def test_pruned_equals_masked_every_family(family, tied, kind, data):
+    arch = data.draw(archs(kind, family=family, tied=tied), label="arch")
+    check_pruned_equals_masked(arch, lambda adapter: draw_plan(data, adapter, kind))
+
+
+@FAST
+@given(arch=archs("all"))
+def test_identity_plan_changes_nothing(arch):
+    model = tiny_model(init=INIT, **arch)
+    ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(arch["seed"]))
+    before, config, state = forward(model, ids), model.config.to_dict(), copy.deepcopy(model.state_dict())
+    params = n_params(model)
+    assert surgery.apply(model, adapter_for(model), identity_plan(adapter_for(model))) is True
+    assert torch.equal(forward(model, ids), before)
+    assert n_params(model) == params
+    changed = {k: v for k, v in model.config.to_dict().items() if config.get(k) != v}
+    # Qwen2's max_window_layers is rewritten as "kept layers below it": clamped to the layer count, same meaning
+    assert changed in ({}, {"max_window_layers": min(config.get("max_window_layers") or 0, arch["layers"])})
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+# uniform plans (the same widths in every kept layer) must give standard checkpoints where the config class allows it
+UNIFORM = {  # kind -> plan edits on the default tiny shape (3 layers, 4 heads in 2 KV groups, head_dim 8, mlp 24)
+    "layers": {"layers": [0, 2]},
+    "heads": {"heads": [1, 3]},  # one query head from each of the two groups
+    "kv": {"heads": [2, 3], "kv_heads": [1]},
+    "mlp": {"mlp": [0, 3, 4, 9, 10, 17, 20, 23]},
+    "hidden": {"hidden": [i for i in range(32) if i % 8]},  # 28 channels: divisible by 4 heads (LlamaConfig's rule)
+}
+UNIFORM["all"] = {**UNIFORM["layers"], **UNIFORM["kv"], **UNIFORM["mlp"], **UNIFORM["hidden"]}
+
+
+def uniform_plan(adapter, edits: dict) -> Plan:
+    plan = identity_plan(adapter)
+    plan.layers = edits.get("layers", plan.layers)
+    plan.hidden = edits.get("hidden", plan.hidden)
+    for entry in plan.per_layer.values():
+        for key in ("heads", "kv_heads", "mlp"):
+            if key in edits and key in entry:
+                entry[key] = edits[key]
+    return plan
+
+
+@pytest.mark.parametrize("family,tied,kind", COVERAGE)
+def test_uniform_plans_give_standard_checkpoints(family, tied, kind):
+    arch = {"family": family, "seed": 1, **({} if family == "bert" else {"tied": tied})}
+    model = tiny_model(init=INIT, **arch)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
+    edits = dict(UNIFORM[kind])
+    if family == "bert":
+        edits.pop("hidden", None)
+        edits.pop("kv_heads", None)
+    plan = uniform_plan(adapter_for(model), edits)
+    masked = copy.deepcopy(model)
+    surgery.mask(masked, adapter_for(masked), plan)
+    standard = surgery.apply(model, adapter_for(model), plan)
+    # BertSelfAttention derives the head size from hidden_size / heads: fewer heads cannot be a plain BertConfig
+    assert standard is not (family == "bert" and "heads" in edits)
+    got = forward(model, ids)
+    assert (got - forward(masked, ids)).abs().max().item() < TOL
+    if standard:
+        check_rebuilds_from_config(model, ids, got)
+        cfg = model.config
+        assert cfg.num_hidden_layers == len(plan.layers)
+        assert cfg.intermediate_size == len(plan.per_layer[plan.layers[0]]["mlp"])
+        assert cfg.hidden_size == len(plan.hidden)
