@@ -7,10 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download anything
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # never download anything
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine each parallel op can wait ms for them
+torch.set_num_threads(1)
 
 from tiny import save_tiny  # noqa: E402
 

@@ -26,9 +26,13 @@ def tiny_config(family: str, layers=3, heads=4, kv_heads=2, head_dim=8, mlp=24, 
                tie_word_embeddings=tied, pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=init)
 
 
-def tiny_model(family: str, seed: int = 0, **kw):
+def tiny_model(family: str, seed: int = 0, attn: str | None = None, **kw):
+    """attn: attention implementation ("eager", "sdpa"; None: transformers' default). Eager is much faster on CPU
+    for tiny grouped-query shapes, and reads the per-module head counts that surgery rewrites."""
     torch.manual_seed(seed)
     config = tiny_config(family, **kw)
+    if attn:
+        config._attn_implementation = attn
     cls = transformers.BertModel if family == "bert" else transformers.AutoModelForCausalLM
     model = cls.from_config(config) if family != "bert" else cls(config)
     with torch.no_grad():  # random norm weights and biases so that slicing mistakes show in the outputs

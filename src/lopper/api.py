@@ -17,7 +17,9 @@ from .errors import LopperError
 from .evaluate import count_params, perplexity, planned_params, weights_size
 from .importance import collect, width_scores
 from .io import check_output, load_model, read_config, save
-from .plan import Plan, signature
+from .plan import Plan
+from .repair import repair
+from . import sparsity as sp
 from .select import Target, choose, default_round_to, solve_params
 from .surgery import apply
 from .text import calibration_windows
@@ -45,6 +47,17 @@ class Selection:
     seq_len: int = _opt(256, "tokens per calibration window")
     layer_metric: str = _opt("bi", "layer importance", choices=("bi", "angular"))
     width_metric: str = _opt("activation", "width importance", choices=("magnitude", "activation"))
+    repair: str = _opt("none", "after cutting: lsq = least-squares refit of output projections", choices=("none", "lsq"))
+    sparsity: float = _opt(0.0, "then zero this fraction of the remaining Linear weights in the layers (0: off; an "
+                           "N:M pattern implies 1 - N/M)")
+    sparsity_pattern: str = _opt("unstructured", "unstructured, or N:M (N nonzeros in every M inputs: 2:4, 4:8)")
+    sparsity_criterion: str = _opt("wanda", "which weights to zero", choices=sp.CRITERIA)
+    sparsity_scope: str = _opt("row", "unstructured counts per output row, per module, or one global threshold",
+                               choices=sp.SCOPES)
+    sparsity_ignore: str = _opt("", "regex: modules whose name matches are left dense (lm_head and embeddings "
+                                "always are)")
+    sparsity_allocation: str = _opt("uniform", "per-layer fractions: uniform, or owl (fewer zeros where "
+                                    "activations have more outliers)", choices=sp.ALLOCATIONS)
     protect_first: int = _opt(1, "first layers never removed")
     protect_last: int = _opt(1, "last layers never removed")
     round_to: int = _opt(0, "kept widths are multiples of this (0: from the model's size)")
@@ -69,6 +82,7 @@ class Selection:
         if self.width_metric not in ("magnitude", "activation"):
             raise LopperError(f"--width-metric {self.width_metric!r} is unknown: use magnitude or activation")
         self.target().check_fractions()
+        sp.check_args(self)
 
 
 @dataclass(kw_only=True)
@@ -106,21 +120,29 @@ def _args(cls, args, kwargs):
     return args
 
 
-def make_plan(args: Selection, model, tokenizer, adapter) -> Plan:
+def calibration(args: Selection, model, tokenizer) -> list[torch.Tensor] | None:
+    """Calibration windows, if the chosen criteria or repair need any."""
+    needs = not args.plan and (args.width_metric == "activation" or args.params or args.drop_layers)
+    if not (needs or args.repair != "none" or sp.needs_calibration(args)):
+        return None
+    if tokenizer is None:
+        raise LopperError(f"{args.model} has no tokenizer files, which calibration needs: add them, or use "
+                          "--width-metric magnitude without --drop-layers/--params/--repair and --sparsity-criterion wanda/sparsegpt")
+    seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", None) or args.seq_len)
+    return calibration_windows(tokenizer, args.calib or None, args.calib_samples, seq_len)
+
+
+def make_plan(args: Selection, model, adapter, windows: list[torch.Tensor] | None) -> Plan:
     """Choose the plan for `args` on a loaded model (or read it from args.plan)."""
+    if getattr(model.config, "lopper_layout", None):
+        raise LopperError(f"{args.model} was saved with a lopper layout (its config keeps the original widths), "
+                          "which cannot be pruned again yet: prune the original model with the combined cut instead")
     if args.plan:
         return Plan.load(args.plan)
     target = args.target()
     target.round_to = target.round_to or default_round_to(adapter.hidden_size())
     needs_stats = args.width_metric == "activation" or args.params or target.drop_layers
-    stats = None
-    if needs_stats:
-        if tokenizer is None:
-            raise LopperError(f"{args.model} has no tokenizer files, which calibration needs: add them, or use "
-                              "--width-metric magnitude without --drop-layers/--params")
-        seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", None) or args.seq_len)
-        windows = calibration_windows(tokenizer, args.calib or None, args.calib_samples, seq_len)
-        stats = collect(model, adapter, windows, quiet=args.quiet)
+    stats = collect(model, adapter, windows, quiet=args.quiet) if needs_stats else None
     scores = width_scores(adapter, stats, args.width_metric)
     if args.params:
         return solve_params(model, adapter, target, stats, scores, args.params)
@@ -138,9 +160,11 @@ def plan(args: PlanArgs | None = None, /, **kwargs) -> Plan:
         raise LopperError(f"--out {out} already exists: choose another path or pass --force")
     _quiet(args.quiet)
     model, tok, adapter = load_model(args.model, args.device, args.dtype)
-    p = make_plan(args, model, tok, adapter)
+    p = make_plan(args, model, adapter, calibration(args, model, tok))
     p.meta["source"] = args.model
     p.meta["predicted"] = planned_params(model, type(adapter), p)
+    if not args.plan:
+        p.sparsity = sp.plan_settings(args)
     tmp = out.with_name(f".{out.name}.tmp")
     p.save(tmp)
     tmp.replace(out)
@@ -160,9 +184,13 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     model, tok, adapter = load_model(args.model, args.device, args.dtype)
     before = {**count_params(model, adapter), "structures": structures(adapter)}
     ppl_before = _maybe_ppl(model, tok, args)
-    p = make_plan(args, model, tok, adapter)
+    windows = calibration(args, model, tok)
+    p = make_plan(args, model, adapter, windows)
     p.meta["source"] = args.model
+    if args.repair == "lsq":
+        repair(model, adapter, p, windows, quiet=args.quiet)
     standard = apply(model, adapter, p)
+    sparse = sp.for_prune(args, p, model, adapter, windows)
     after = {**count_params(model, adapter), "structures": structures(adapter)}
     report = {
         "lopper_version": __version__, "source": args.model, "standard_checkpoint": standard,
@@ -176,9 +204,11 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     if ppl_before:
         report["perplexity_before"] = ppl_before
         report["perplexity_after"] = _maybe_ppl(model, tok, args)
+    if sparse:
+        report["sparsity"] = sparse.report(model, adapter)
     report["seconds"] = round(time.time() - t0, 2)
     out = save(model, args.out, source=args.model, tokenizer=tok, plan=p, report=report, dtype=saved_dtype,
-               force=args.force)
+               force=args.force, files=sparse.files() if sparse else None)
     report["size_bytes_after"] = weights_size(out)
     if Path(args.model).is_dir():
         report["size_bytes_before"] = weights_size(args.model)
@@ -207,9 +237,17 @@ def evaluate(args: EvalArgs | None = None, /, **kwargs) -> dict:
     return result
 
 
-def load(path: str, device: str = "cpu", dtype: str = "auto"):
-    """Load a model folder, standard or with a lopper layout (non-uniform widths, BERT heads), for use."""
-    return load_model(path, device, dtype)[0]
+def load(path: str, device: str = "cpu", dtype: str = "auto", semi_structured: bool = False):
+    """Load a model folder, standard or with a lopper layout (non-uniform widths, BERT heads), for use.
+
+    semi_structured=True: the 2:4-sparse nn.Linear weights of the layers become torch semi-structured sparse
+    tensors (`torch.sparse.to_sparse_semi_structured`). Those kernels exist only on CUDA, so this raises LopperError
+    on a machine without CUDA or with device other than cuda (it never silently keeps the model dense); shapes
+    or dtypes the kernels refuse stay dense, with a warning. Whether it is faster must be measured per GPU."""
+    model, _, adapter = load_model(path, device, dtype)
+    if semi_structured:
+        sp.to_semi_structured(model, adapter)
+    return model
 
 
 def structures(adapter) -> dict[str, int | list[int]]:

@@ -8,11 +8,13 @@ from dataclasses import MISSING, fields
 
 from . import api
 from .errors import LopperError
+from .heal import HealArgs, heal
 
 COMMANDS = {
     "plan": (api.PlanArgs, api.plan, "score and choose what to remove; write the plan JSON without cutting"),
     "prune": (api.PruneArgs, api.prune, "prune a model and save a standard checkpoint with plan and report"),
     "eval": (api.EvalArgs, api.evaluate, "parameters, size on disk and perplexity of a model folder"),
+    "heal": (HealArgs, heal, "distil or fine-tune a pruned model toward the original; save a standard checkpoint"),
 }
 
 
@@ -24,6 +26,9 @@ def add_fields(parser: argparse.ArgumentParser, cls) -> None:
             parser.add_argument(f.name, help=meta.get("help"))
         elif f.type in (bool, "bool"):
             parser.add_argument(flag, action="store_true", help=meta.get("help"))
+        elif str(f.type) == "list[str]":
+            parser.add_argument(flag, nargs="+", default=[], metavar="FILE", required=meta.get("required", False),
+                                help=meta.get("help"))
         else:
             kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
             parser.add_argument(flag, type=kind, default=default, choices=meta.get("choices"),
@@ -61,6 +66,10 @@ def _print_summary(command: str, result) -> None:
         print(json.dumps({"layers_kept": len(result.layers), **result.meta.get("predicted", {})}))
     elif command == "prune":
         print(report_table(result))
+    elif command == "heal":
+        if result:  # None on the other processes of `accelerate launch`
+            section = result.get("heal", result)
+            print(json.dumps({k: v for k, v in section.items() if k not in ("loss_history", "args")}, indent=1))
     else:
         print(json.dumps(result, indent=1))
 
@@ -72,6 +81,10 @@ def report_table(r: dict) -> str:
     if "size_bytes_before" in r:
         rows.append(("weights on disk (MB)", r["size_bytes_before"] / 1e6, r["size_bytes_after"] / 1e6))
     rows += [(k, v["before"], v["after"]) for k, v in r["structures"].items()]
+    if "sparsity" in r:
+        rows += [("nonzero params (non-embedding)", r["params_non_embedding_before"],
+                  r["sparsity"]["nonzero_params_non_embedding"]),
+                 (f"sparsity of layer weights ({r['sparsity']['pattern']})", 0.0, r["sparsity"]["overall"])]
     if "perplexity_before" in r:
         rows.append(("perplexity", r["perplexity_before"]["perplexity"], r["perplexity_after"]["perplexity"]))
     fmt = lambda v: f"{v:,.2f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)

@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import Adapter
+from .errors import LopperError
 from .plan import Plan
 from .text import read_text, token_stream
 
@@ -28,8 +29,12 @@ def planned_params(model: nn.Module, adapter_cls: type[Adapter], plan: Plan) -> 
     """Parameter counts the plan would give, computed on an empty (meta-device) copy: exact, and cheap."""
     from .surgery import apply
 
+    if getattr(model.config, "lopper_layout", None):
+        raise LopperError("this model was saved with a lopper layout (its config keeps the original widths), which "
+                          "cannot be pruned again yet: prune the original model with the combined cut instead")
     with init_empty_weights():
         shell = type(model)._from_config(copy.deepcopy(model.config))
+    shell.tie_weights()  # not done on meta tensors by _from_config: tied embeddings would count twice
     shell_adapter = adapter_cls(shell)
     logger = logging.getLogger("lopper")
     level, logger.level = logger.level, logging.ERROR
@@ -56,7 +61,6 @@ def perplexity(model: nn.Module, tokenizer, text_path: str | Path, seq_len: int 
         stream = stream[:max_tokens]
     windows = len(stream) // seq_len
     if windows == 0:
-        from .errors import LopperError
         raise LopperError(f"--text {text_path} has {len(stream)} tokens, fewer than one window of --seq-len "
                           f"{seq_len}: give a longer text or a smaller --seq-len")
     device = next(model.parameters()).device

@@ -15,8 +15,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
 
 from .arch import Adapter, Part
+from .arch.base import in_dim
+
+
+LINEAR = (nn.Linear, Conv1D)  # Conv1D (GPT-2) is a Linear with its weight stored [in, out]
 
 
 @dataclass
@@ -26,7 +31,7 @@ class Stats:
     tokens: int
     cos: torch.Tensor
     angle: torch.Tensor
-    input_sq: dict[int, torch.Tensor] = field(default_factory=dict)  # id(Linear) -> sum of x_j^2 per input channel
+    input_sq: dict[int, torch.Tensor] = field(default_factory=dict)  # id(Linear/Conv1D) -> sum of x_j^2 per input
 
 
 @torch.no_grad()
@@ -52,7 +57,7 @@ def collect(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], qui
 
     hooks = [layer.register_forward_pre_hook(grab_in, with_kwargs=True) for layer in layers]
     hooks.append(layers[-1].register_forward_hook(grab_out, with_kwargs=True))
-    hooks += [m.register_forward_pre_hook(grab_sq) for m in model.modules() if isinstance(m, nn.Linear)]
+    hooks += [m.register_forward_pre_hook(grab_sq) for m in model.modules() if isinstance(m, LINEAR)]
     tokens = 0
     device = next(model.parameters()).device
     try:
@@ -87,11 +92,12 @@ def unit_scores(parts: list[Part], n_units: int, stats: Stats | None, metric: st
     total = torch.zeros(n_units)
     for p in parts:
         w = p.module.weight.detach().float().abs()
-        if isinstance(p.module, nn.Linear):
+        if isinstance(p.module, LINEAR):
             if metric == "activation":
                 if id(p.module) not in stats.input_sq:
                     continue  # never ran on calibration text (e.g. a pooler the base model skips)
-                w = w * stats.input_sq[id(p.module)].to(w.device).sqrt()[None, :]
+                norm = stats.input_sq[id(p.module)].to(w.device).sqrt()
+                w = w * (norm[None, :] if in_dim(p.module) == 1 else norm[:, None])
         elif metric == "activation" or not isinstance(p.module, nn.Embedding):
             continue  # norms carry no weight of their own to rank by; embeddings see no activations
         per_channel = w.sum(dim=1 - p.dim).cpu()

@@ -124,11 +124,11 @@ def check_output(out: str | Path, force: bool, source: str) -> Path:
     return out
 
 
-def save(model, out: str | Path, *, source: str, tokenizer, plan: Plan, report: dict, dtype: torch.dtype | None,
-         force: bool = False) -> Path:
+def save(model, out: str | Path, *, source: str, tokenizer, plan: Plan | None, report: dict, dtype: torch.dtype | None,
+         force: bool = False, files: dict[str, bytes] | None = None) -> Path:
     """Write weights (safetensors), config, tokenizer files, the plan and the report into a temporary sibling folder,
     then rename it to `out`; an existing `out` is replaced only with force=True, and only after the new one is
-    complete."""
+    complete. `files`: more files (name -> bytes) to write beside the weights, e.g. the sparsity masks."""
     out = check_output(out, force, source)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.lopper-tmp-{os.getpid()}"
@@ -139,8 +139,11 @@ def save(model, out: str | Path, *, source: str, tokenizer, plan: Plan, report: 
         model.save_pretrained(tmp, safe_serialization=True)
         _add_legacy_config_keys(tmp / "config.json")
         _copy_side_files(source, tmp, tokenizer)
-        plan.save(tmp / PLAN_FILE)
+        if plan is not None:  # heal of a model that lopper did not prune
+            plan.save(tmp / PLAN_FILE)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        for name, data in (files or {}).items():
+            (tmp / name).write_bytes(data)
         if out.exists():
             old = out.parent / f".{out.name}.lopper-old-{os.getpid()}"
             os.rename(out, old)

@@ -5,7 +5,7 @@ Layout (indices are sorted, 0-based, in the unpruned model's numbering):
     {"format": "lopper-plan/1", "model": {signature}, "layers": [kept layers],
      "hidden": [kept hidden channels],
      "per_layer": {"<layer>": {"heads": [...], "kv_heads": [...], "mlp": [...]}},
-     "meta": {how it was chosen}}
+     "meta": {how it was chosen}, "sparsity": {optional: settings, per-module fractions zeroed; sparsity.py}}
 Per-layer lists may differ in length between layers (non-uniform widths); later formats add keys, never rename.
 """
 from __future__ import annotations
@@ -27,11 +27,14 @@ class Plan:
     hidden: list[int]
     per_layer: dict[int, dict[str, list[int]]]
     meta: dict = field(default_factory=dict)
+    sparsity: dict | None = None  # unstructured / N:M sparsity after the cut (sparsity.py); optional key
 
     def to_json(self) -> str:
         per = {str(i): v for i, v in sorted(self.per_layer.items())}
         body = {"format": FORMAT, "model": self.model, "layers": self.layers, "hidden": self.hidden,
                 "per_layer": per, "meta": self.meta}
+        if self.sparsity is not None:
+            body["sparsity"] = self.sparsity
         return _compact_json(body)
 
     @classmethod
@@ -41,7 +44,8 @@ class Plan:
             if d.get("format") != FORMAT:
                 raise ValueError(f"format is {d.get('format')!r}, expected {FORMAT!r}")
             return cls(model=d["model"], layers=d["layers"], hidden=d["hidden"],
-                       per_layer={int(k): v for k, v in d["per_layer"].items()}, meta=d.get("meta", {}))
+                       per_layer={int(k): v for k, v in d["per_layer"].items()}, meta=d.get("meta", {}),
+                       sparsity=d.get("sparsity"))
         except (ValueError, KeyError, AttributeError, TypeError) as e:
             raise LopperError(f"{source} is not a lopper plan ({e}): write one with `lopper plan MODEL --out PLAN.json`")
 

@@ -111,7 +111,7 @@ def _head_counts(adapter: Adapter, frac: float, n_heads: int, n_kv: int | None) 
         else:
             candidates = [(n_kv * q, n_kv) for q in range(1, group + 1)]
     want = n_heads * (1 - frac)
-    ok = [c for c in candidates if _heads_valid(adapter, c)]
+    ok = [c for c in candidates if c[0] < n_heads and _heads_valid(adapter, c)]  # frac > 0: something goes
     if not ok:
         raise LopperError(f"no head count for --heads {frac} is accepted by {type(adapter.config).__name__}: "
                           "try another fraction")
@@ -119,12 +119,14 @@ def _head_counts(adapter: Adapter, frac: float, n_heads: int, n_kv: int | None) 
 
 
 def _heads_valid(adapter: Adapter, counts: tuple[int, int | None]) -> bool:
+    if adapter.is_encoder or adapter.derived_head_dim:
+        return True  # BERT, GPT-2, OPT derive head_dim from hidden_size / heads: other counts save as a lopper layout
     c = adapter.config
     upd = {"num_attention_heads": counts[0], "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
            "num_hidden_layers": c.num_hidden_layers}
     if counts[1] is not None:
         upd["num_key_value_heads"] = counts[1]
-    return adapter.is_encoder or adapter.check_config(upd) is None
+    return adapter.check_config(upd) is None
 
 
 def _pick_heads(scores: WidthScores, i: int, n_heads: int, kv_keep: int | None, heads_keep: int,
@@ -144,10 +146,10 @@ def _pick_heads(scores: WidthScores, i: int, n_heads: int, kv_keep: int | None, 
 
 def _valid_hidden(adapter: Adapter, keep: int, k: int, heads: int) -> int:
     """The nearest multiple of k (searching down, then up) that the config accepts with `heads` heads."""
-    if adapter.is_encoder:
-        return keep
+    if adapter.is_encoder or adapter.derived_head_dim:
+        return keep  # any width loads (lopper layout where the config class cannot describe it)
     full = adapter.hidden_size()
-    for cand in sorted(range(k, full + 1, k), key=lambda h: (abs(h - keep), h)):
+    for cand in sorted(range(k, full, k), key=lambda h: (abs(h - keep), h)):  # never the full width: F > 0
         upd = {"hidden_size": cand, "num_attention_heads": heads, "intermediate_size": adapter.config.intermediate_size,
                "num_hidden_layers": adapter.config.num_hidden_layers}
         if adapter.check_config(upd) is None:

@@ -8,8 +8,10 @@ from collections import defaultdict
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .arch import Adapter, Part
+from .arch.base import out_dim
 from .plan import Plan, validate
 
 log = logging.getLogger("lopper")
@@ -43,14 +45,19 @@ def mask(model: nn.Module, adapter: Adapter, plan: Plan) -> list:
     """Zero, in place, every unit the plan removes; dropped layers pass their input through (a forward hook).
     Returns the hook handles. The pruned model must compute what this masked model computes."""
     validate(plan, adapter)
-    with torch.no_grad():
-        for (module, dim), gone in removed_cuts(adapter, plan).items():
-            module.weight.index_fill_(dim, gone.to(module.weight.device), 0.0)
-            if dim == 0 and getattr(module, "bias", None) is not None:
-                module.bias.index_fill_(0, gone.to(module.bias.device), 0.0)
+    zero(removed_cuts(adapter, plan))
     kept = set(plan.layers)
     return [layer.register_forward_hook(_passthrough, with_kwargs=True)
             for i, layer in enumerate(adapter.layers()) if i not in kept]
+
+
+@torch.no_grad()
+def zero(cuts: dict[tuple[nn.Module, int], torch.Tensor]) -> None:
+    """Zero the given channels (and the matching bias entries of output rows)."""
+    for (module, dim), gone in cuts.items():
+        module.weight.index_fill_(dim, gone.to(module.weight.device), 0.0)
+        if dim == out_dim(module) and getattr(module, "bias", None) is not None:
+            module.bias.index_fill_(0, gone.to(module.bias.device), 0.0)
 
 
 def _passthrough(module, args, kwargs, output):
@@ -72,9 +79,13 @@ def apply(model: nn.Module, adapter: Adapter, plan: Plan) -> bool:
             _slice(module, dim, gone, memo)
         if adapter.rms_norm and len(plan.hidden) != hidden_before:
             _rescale_rms_norms(adapter, hidden_before / len(plan.hidden))
+        if len(plan.hidden) != hidden_before:
+            adapter.after_hidden_cut(hidden_before / len(plan.hidden))
     for j, layer in enumerate(adapter.layers()):
         adapter.set_layer_attrs(layer, j)
-    return _rewrite_config(adapter, plan, hidden_before)
+    standard = _rewrite_config(adapter, plan, hidden_before)
+    adapter.finish(standard)
+    return standard
 
 
 def _drop_layers(adapter: Adapter, keep: list[int]) -> None:
@@ -94,7 +105,7 @@ def _slice(module: nn.Module, dim: int, gone: torch.Tensor, memo: dict) -> None:
         keep = _complement(gone, w.shape[dim]).to(w.device)
         memo[key] = (w, nn.Parameter(w.index_select(dim, keep).contiguous(), requires_grad=w.requires_grad))
         bias = getattr(module, "bias", None)
-        if dim == 0 and bias is not None:
+        if dim == out_dim(module) and bias is not None:
             module.bias = nn.Parameter(bias.index_select(0, keep).contiguous(), requires_grad=bias.requires_grad)
     module.weight = memo[key][1]
     _resize_attrs(module)
@@ -114,6 +125,8 @@ def _resize_attrs(module: nn.Module) -> None:
         module.embedding_dim = shape[1]
     elif isinstance(module, nn.LayerNorm):
         module.normalized_shape = (shape[0],)
+    elif isinstance(module, Conv1D):  # GPT-2: weight [in, out], forward() reshapes to nf outputs
+        module.nx, module.nf = shape
 
 
 def _rescale_rms_norms(adapter: Adapter, ratio: float) -> None:
@@ -122,7 +135,7 @@ def _rescale_rms_norms(adapter: Adapter, ratio: float) -> None:
     the removed channels carry little energy, which is what the importance scores select for."""
     norms = [n for layer in adapter.layers() for n in adapter.layer_norms(layer)] + adapter.final_norms()
     for n in norms:
-        n.weight.mul_(math.sqrt(ratio))
+        adapter.scale_norm(n, math.sqrt(ratio))
         if hasattr(n, "variance_epsilon"):
             n.variance_epsilon *= ratio
         elif hasattr(n, "eps"):

@@ -2,12 +2,17 @@
 from ..errors import LopperError
 from .base import Adapter, Part
 from .bert import BertAdapter
+from .gemma import GemmaAdapter
+from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
 from .mistral import MistralAdapter
+from .opt import OPTAdapter
+from .phi3 import Phi3Adapter
 from .qwen2 import Qwen2Adapter
 from .qwen3 import Qwen3Adapter
 
-ADAPTERS: list[type[Adapter]] = [LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, BertAdapter]
+ADAPTERS: list[type[Adapter]] = [LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, BertAdapter, GPT2Adapter,
+                                 OPTAdapter, Phi3Adapter, GemmaAdapter]
 SUPPORTED = sorted(t for a in ADAPTERS for t in a.model_types)
 
 

@@ -11,12 +11,53 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+def out_dim(module: nn.Module) -> int:
+    """The weight dimension of a module's output channels (its bias follows it): 0 for Linear (weight [out, in]) and
+    for norms, 1 for the Conv1D of GPT-2 (weight [in, out])."""
+    return 1 if isinstance(module, Conv1D) else 0
+
+
+def in_dim(module: nn.Module) -> int:
+    """The weight dimension of a Linear's or Conv1D's input channels."""
+    return 1 - out_dim(module)
+
+
+class ConfigView:
+    """A config seen with a few values overridden, in memory only (never saved): for a forward() that reads a width
+    or the layer pattern from the shared config when a lopper layout keeps the config's original values (Phi-3's
+    attention reads num_attention_heads; decoders pick each layer's mask by config.layer_types[i]). Reads of other
+    names and all writes go to the real config."""
+
+    def __init__(self, base, **overrides):
+        while isinstance(base, ConfigView):
+            base = base.__dict__["_base"]
+        self.__dict__.update(_base=base, **overrides)
+
+    def __getattr__(self, name):
+        base = self.__dict__.get("_base")
+        if base is None:  # mid-copy (deepcopy builds an empty instance first)
+            raise AttributeError(name)
+        return getattr(base, name)
+
+    def __setattr__(self, name, value):
+        if name in self.__dict__:
+            self.__dict__[name] = value
+        else:
+            setattr(self.__dict__["_base"], name, value)
+
+    def get_text_config(self, *args, **kwargs):
+        return self  # caches and masks ask for the text config: it is this one, overrides included
 
 
 @dataclass(frozen=True)
 class Part:
     """Unit u of a structure owns channels `offset + u*block ... offset + (u+1)*block - 1` of `module.weight` along
-    `dim` (0 = output rows of a Linear, 1 = input columns; dim 1 of an Embedding; dim 0 of a norm)."""
+    `dim` (0 = output rows of a Linear, 1 = input columns; dim 1 of an Embedding; dim 0 of a norm; a Conv1D is
+    the other way round: `out_dim` / `in_dim` say which). Masking and cutting also take the bias entries of channels
+    along `out_dim(module)`."""
 
     module: nn.Module
     dim: int
@@ -38,10 +79,13 @@ class Adapter:
     is_encoder: ClassVar[bool] = False
     has_kv_groups: ClassVar[bool] = True
     rms_norm: ClassVar[bool] = True  # hidden pruning rescales RMSNorm weights so masked == pruned
+    # The config derives head_dim = hidden_size / num_attention_heads (GPT-2, OPT): head or hidden cuts that break
+    # that are saved as a lopper layout (as for BERT) instead of being refused by the planner.
+    derived_head_dim: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.config = model.config
+        self.config = model.config.__dict__.get("_base", model.config)  # the real config under a ConfigView
 
     # ---- where things live -------------------------------------------------------------------------------
     def backbone(self) -> nn.Module:
@@ -101,8 +145,8 @@ class Adapter:
     def hidden_parts(self) -> list[Part]:
         parts = [Part(e, 1) for e in self.embeddings()]
         for layer in self.layers():
-            parts += [Part(m, 1) for m in self.readers(layer)]
-            parts += [Part(m, 0) for m in self.writers(layer)]
+            parts += [Part(m, in_dim(m)) for m in self.readers(layer)]
+            parts += [Part(m, out_dim(m)) for m in self.writers(layer)]
             parts += [Part(n, 0) for n in self.layer_norms(layer)]
         parts += [Part(n, 0) for n in self.final_norms()]
         if self.lm_head() is not None:
@@ -129,7 +173,34 @@ class Adapter:
             params.append(self.lm_head().weight)
         return params
 
-    # ---- after surgery ------------------------------------------------------------------------------------
+    # ---- during and after surgery -------------------------------------------------------------------------
+    def scale_norm(self, norm: nn.Module, s: float) -> None:
+        """Multiply what an RMSNorm's weight contributes by s (hidden pruning's sqrt(d/d')): the norm computes
+        x_hat * weight here; Gemma's computes x_hat * (1 + weight) and overrides this."""
+        norm.weight.mul_(s)
+
+    def after_hidden_cut(self, ratio: float) -> None:
+        """Called once after hidden channels were cut (and RMSNorms rescaled), ratio = d / d'. For values derived
+        from hidden_size at load time (Gemma's embedding normalizer sqrt(hidden_size))."""
+
+    def finish(self, standard: bool) -> None:
+        """Called once after surgery and the config rewrite. In a lopper layout (standard=False) the config keeps the
+        original widths and depth. Where dropped layers leave kept layers whose types (sliding / full attention) are
+        not config.layer_types[:n], the backbone's forward() (mask and RoPE per config.layer_types[i]) and
+        generate()'s KV cache (one slot type per config.layer_types entry) would pick the wrong ones: the model and
+        its backbone then get a view of the config with the kept layers' own types (Qwen2, Gemma). The saved
+        config is the real one, unchanged."""
+        for m in (self.model, self.backbone()):
+            if isinstance(m.config, ConfigView):  # from an earlier cut of this model
+                m.config = self.config
+        types = getattr(self.config, "layer_types", None)
+        if standard or types is None:
+            return
+        kept = [getattr(self.attention(layer), "layer_type", None) for layer in self.layers()]
+        if None not in kept and kept != list(types[:len(kept)]):
+            view = ConfigView(self.config, layer_types=kept, num_hidden_layers=len(kept))
+            self.model.config = self.backbone().config = view
+
     def set_layer_attrs(self, layer: nn.Module, index: int) -> None:
         """Fix module attributes that forward() reads, after the weights of `layer` were cut."""
         a, w = self.attention(layer), self.layer_widths(layer)
@@ -151,11 +222,21 @@ class Adapter:
         return upd
 
     def check_config(self, updates: dict) -> str | None:
-        """None if the config class accepts these values, else its complaint."""
+        """None if the config class accepts these values, else its complaint. Keys may be a config class's aliases
+        (hidden_size for GPT-2's n_embd)."""
+        aliases = getattr(type(self.config), "attribute_map", {}) or {}
+        updates = {aliases.get(k, k): v for k, v in updates.items()}
         d = self.config.to_dict()
         d.update(updates)
         try:
             type(self.config).from_dict(d)
         except Exception as e:  # config classes raise ValueError, TypeError or their own validation errors
             return " ".join(str(e).split()[-40:])
+        if self.derived_head_dim:
+            heads, hidden = updates.get(aliases.get("num_attention_heads", "num_attention_heads")), \
+                updates.get(aliases.get("hidden_size", "hidden_size"))
+            if heads is not None and hidden is not None and hidden != heads * self.head_dim():
+                return (f"{type(self.config).__name__} derives the head size from hidden_size / num_attention_heads, "
+                        f"so {heads} heads of {self.head_dim()} need hidden_size {heads * self.head_dim()}, not "
+                        f"{hidden}")
         return None

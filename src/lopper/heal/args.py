@@ -1,0 +1,86 @@
+"""The arguments of `lopper heal` (the CLI flags are generated from this dataclass, as for prune)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from ..api import _opt
+from ..errors import LopperError
+
+
+@dataclass(kw_only=True)
+class HealArgs:
+    model: str = _opt("", "pruned model folder to heal (never modified)", positional=True)
+    teacher: str = _opt("", "the original model to distil from (same tokenizer); not needed with --kd-weight 0")
+    text: list[str] = field(default_factory=list, metadata={
+        "help": "training text files, tokenized as one stream", "required": True})
+    out: str = _opt("", "output model folder (written atomically)", required=True)
+    tokens: int = _opt(0, "cap on the tokens trained on (0: one pass over --text)")
+    seq_len: int = _opt(512, "tokens per training window (at most the model's context)")
+    lr: float = _opt(0.0, "peak learning rate (0: 1e-4, or 5e-4 with --lora)")
+    batch: int = _opt(8, "windows per process and micro-batch (global batch = batch x grad-accum x processes)")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    warmup: float = _opt(0.05, "fraction of the steps with a linear learning-rate warmup (then cosine to 0)")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
+    kd_temperature: float = _opt(1.0, "distillation temperature T")
+    kd_weight: float = _opt(1.0, "A in A*T^2*KL(teacher||student) + (1-A)*cross-entropy; 0: plain fine-tuning")
+    encoder_loss: str = _opt("cosine", "encoders: loss between mean-pooled sentence embeddings of student and "
+                             "teacher (cosine: 1 - cos)", choices=("cosine", "mse"))
+    encoder_data: str = _opt("lines", "encoders: train on the lines of --text, or on windows of --seq-len tokens",
+                             choices=("lines", "windows"))
+    lora: int = _opt(0, "LoRA rank on the linear layers of the blocks, merged into the output (0: train all "
+                     "parameters)")
+    lora_alpha: float = _opt(0.0, "LoRA alpha (0: 2 x rank)")
+    no_gradient_checkpointing: bool = _opt(False, "keep activations instead of recomputing them (more memory)")
+    seed: int = _opt(0, "seed of the data order and of the LoRA initialisation")
+    device: str = _opt("auto", "auto (cuda when available), cpu or cuda", choices=("auto", "cpu", "cuda"))
+    dtype: str = _opt("auto", "auto (bf16 autocast on CUDA, float32 on CPU), float32 or bfloat16 (autocast; "
+                      "weights stay float32)", choices=("auto", "float32", "bfloat16"))
+    eval_text: str = _opt("", "held-out text, evaluated before, every --eval-every steps and at the end; the best "
+                          "step becomes the output")
+    eval_every: int = _opt(0, "steps between evaluations on --eval-text (0: before and at the end only)")
+    eval_max_tokens: int = _opt(32768, "cap on --eval-text tokens per evaluation (0: all)")
+    save_every: int = _opt(100, "steps between checkpoints in OUT.heal-work/ for --resume (0: none)")
+    resume: bool = _opt(False, "continue an interrupted run from its last checkpoint in OUT.heal-work/")
+    max_steps: int = _opt(0, "stop after this step without writing --out, as an interruption would; --resume "
+                          "continues (0: run to the end)")
+    force: bool = _opt(False, "replace an existing --out; without --resume, also discard an interrupted run")
+    quiet: bool = _opt(False, "no progress bars or logs")
+
+    def check(self) -> None:
+        if not self.model:
+            raise LopperError("no model given: pass the pruned model folder to heal")
+        if not self.out:
+            raise LopperError("no --out given: name the output folder")
+        if isinstance(self.text, str):
+            self.text = [self.text]
+        if not self.text:
+            raise LopperError("no --text given: name one or more training text files")
+        if not 0.0 <= self.kd_weight <= 1.0:
+            raise LopperError(f"--kd-weight {self.kd_weight} is out of range: use 0 <= A <= 1")
+        if self.kd_temperature <= 0:
+            raise LopperError(f"--kd-temperature {self.kd_temperature} must be positive")
+        if self.kd_weight > 0 and not self.teacher:
+            raise LopperError("distillation needs the original model: pass --teacher ORIGINAL, or --kd-weight 0 "
+                              "for plain fine-tuning")
+        for name in ("batch", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise LopperError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
+        for name in ("tokens", "lora", "eval_every", "eval_max_tokens", "save_every", "max_steps"):
+            if getattr(self, name) < 0:
+                raise LopperError(f"--{name.replace('_', '-')} {getattr(self, name)} must not be negative")
+        if self.seq_len < 2:
+            raise LopperError(f"--seq-len {self.seq_len} is too small: use at least 2")
+        if not 0.0 <= self.warmup < 1.0:
+            raise LopperError(f"--warmup {self.warmup} is out of range: give a fraction of the steps, 0 <= F < 1")
+        if self.lr < 0:
+            raise LopperError(f"--lr {self.lr} must not be negative")
+        for f in fields(self):
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices and value not in choices:
+                raise LopperError(f"--{f.name.replace('_', '-')} {value!r} is unknown: use {', '.join(choices)}")
+        if self.eval_every and not self.eval_text:
+            raise LopperError("--eval-every needs --eval-text: name a held-out text file")
+
+    def peak_lr(self) -> float:
+        return self.lr or (5e-4 if self.lora else 1e-4)

@@ -1,0 +1,409 @@
+"""`lopper heal`: train a pruned model back toward the original by distillation (or plain fine-tuning), all
+parameters or LoRA (merged at the end), and save it as a standard checkpoint beside its plan and report.
+
+Scaling is accelerate's: model, optimizer, data loader and scheduler go through `Accelerator.prepare`, so
+`accelerate launch` runs the same code as DDP. The data order depends on the seed alone and a global step always
+trains on the same items (see data.py), so 1 process with --batch 2B and 2 processes with --batch B train the same
+model. Checkpoints (accelerate's save_state: model, optimizer, scheduler, RNG, plus the step, which fixes the data
+position) go to OUT.heal-work/, which is removed once the output is written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..api import _args, _checkpoint_dtype, _quiet
+from ..arch import adapter_class
+from ..errors import LopperError
+from ..evaluate import count_params, perplexity
+from ..io import PLAN_FILE, REPORT_FILE, check_output, load_model, read_config, save
+from ..plan import Plan
+from . import data
+from .args import HealArgs
+from .losses import decoder_loss, embedding_loss, encoder_embeddings
+
+log = logging.getLogger("lopper")
+# Options that may change between an interrupted run and its --resume.
+RESUME_MAY_CHANGE = ("resume", "force", "quiet", "max_steps", "save_every")
+
+
+def work_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.parent / f"{out.name}.heal-work"
+
+
+class TrainState:
+    """What a checkpoint holds besides model, optimizer, scheduler and RNG: the step (which fixes the data position),
+    and the measurements so far."""
+
+    def __init__(self):
+        self.step = 0
+        self.seconds = 0.0
+        self.losses: list = []      # [step, mean loss over the global batch]
+        self.evals: list = []       # [step, metric]
+        self.best: list | None = None  # [step, metric, file in the work folder]
+        self.teacher_metric: float | None = None
+        self.resumed_from: list = []
+
+    def state_dict(self) -> dict:
+        return dict(vars(self))
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def heal(args: HealArgs | None = None, /, **kwargs) -> dict | None:
+    """Heal a pruned model; returns the report also written as OUT/lopper_report.json (its `heal` section is new) on
+    the main process and None on the others. A run stopped by --max-steps returns {"stopped_at_step", "work"}."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
+
+    args = _args(HealArgs, args, kwargs)
+    args.check()
+    out = check_output(args.out, args.force, args.model)
+    config = read_config(args.model)
+    encoder = adapter_class(config.model_type).is_encoder
+    if encoder and not args.teacher:
+        raise LopperError("encoders are healed by distilling their sentence embeddings: pass --teacher ORIGINAL")
+    use_teacher = encoder or args.kd_weight > 0
+    if use_teacher and Path(args.teacher).exists() and out.resolve() == Path(args.teacher).resolve():
+        raise LopperError(f"--out {out} is the teacher: write the healed model to another folder")
+    work = work_dir(out)
+    if args.resume and not _checkpoints(work):
+        raise LopperError(f"--resume: {work} holds no checkpoint to continue from: run without --resume")
+    if not args.resume and work.exists() and not args.force:
+        raise LopperError(f"{work} holds an interrupted run: continue it with --resume, or pass --force to start over")
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LopperError("--device cuda, but no CUDA device is visible: use --device cpu")
+    bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if encoder else None  # e.g. the pooler
+    acc = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "no",
+                      gradient_accumulation_steps=args.grad_accum, step_scheduler_with_optimizer=False,
+                      kwargs_handlers=handlers)
+    main, world = acc.is_main_process, acc.num_processes
+    _quiet(args.quiet or not main)
+    if args.quiet or not main:
+        logging.getLogger("accelerate").setLevel(logging.ERROR)
+    if args.resume:
+        _check_resume(work, args, world)
+    t_start = time.time()
+
+    model, tok, adapter = load_model(args.model, "cpu", "float32")  # float32 master weights; autocast for speed
+    teacher = None
+    if use_teacher:
+        teacher, t_tok, _ = load_model(args.teacher, "cpu", "bfloat16" if bf16 and device == "cuda" else "float32")
+        _check_same_vocab(args, model, tok, teacher, t_tok)
+        teacher.requires_grad_(False).to(acc.device).eval()
+        tok = tok or t_tok
+    elif args.teacher:
+        log.info("--kd-weight 0: plain fine-tuning; the teacher is not loaded")
+    if tok is None:
+        raise LopperError(f"{args.model} has no tokenizer files, which reading --text needs: add them")
+    plan = Plan.load(Path(args.model) / PLAN_FILE) if (Path(args.model) / PLAN_FILE).is_file() else None
+    keep = _teacher_channels(args, model, teacher, plan) if encoder else None
+    keep = keep.to(acc.device) if keep is not None else None
+
+    seq_len = min(args.seq_len, getattr(config, "max_position_embeddings", None) or args.seq_len)
+    global_batch = args.batch * args.grad_accum * world
+    if encoder:
+        items = data.encoder_items(tok, args.text, seq_len, args.encoder_data, args.seed, args.tokens)
+        collate = data.Pad(tok.pad_token_id if tok.pad_token_id is not None else 0)
+    else:
+        items, collate = data.windows(tok, args.text, seq_len, args.seed, args.tokens), data.stack
+    steps = len(items) // global_batch
+    if steps == 0:
+        raise LopperError(f"--text gives {len(items)} training items but one step takes {global_batch} (--batch x "
+                          "--grad-accum x processes): give more text, or lower --batch / --grad-accum / --seq-len")
+    items = items[:steps * global_batch]
+    tokens_trained = items.numel() if torch.is_tensor(items) else sum(len(x) for x in items)
+    loader = DataLoader(data.Items(items), batch_size=args.batch, shuffle=False, collate_fn=collate)
+
+    use_cache = getattr(model.config, "use_cache", None)
+    if not args.no_gradient_checkpointing and model.supports_gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.2x on
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if use_cache is not None:
+        model.config.use_cache = False
+    torch.manual_seed(args.seed)
+    if args.lora:
+        model = _add_lora(model, adapter, args)
+    model.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.peak_lr(),
+                                  betas=(0.9, 0.95), weight_decay=args.weight_decay)
+    warmup = round(args.warmup * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps, warmup))
+    model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
+    state = TrainState()
+    acc.register_for_checkpointing(state)
+    if args.resume:
+        ckpt = _checkpoints(work)[-1]
+        acc.load_state(str(ckpt))
+        state.resumed_from.append(state.step)
+        log.info("resuming from %s (step %d of %d)", ckpt, state.step, steps)
+    else:
+        acc.wait_for_everyone()  # every process has checked the folders (above) before the main one changes them
+        if main:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+            (work / "run.json").write_text(json.dumps({"args": asdict(args), "processes": world}, indent=1) + "\n")
+        acc.wait_for_everyone()
+    net = acc.unwrap_model(model)  # the model itself (a PeftModel with --lora), for evaluation and saving
+
+    def step_loss(batch: dict) -> tuple[torch.Tensor, int]:
+        if encoder:
+            student = encoder_embeddings(model, batch)
+            with torch.no_grad(), acc.autocast():
+                target = encoder_embeddings(teacher, batch)
+            target = target if keep is None else target[:, keep]
+            return embedding_loss(student, target, args.encoder_loss), int(batch["attention_mask"].sum())
+        ids = batch["input_ids"]
+        logits = model(input_ids=ids, use_cache=False).logits
+        target = None
+        if args.kd_weight > 0:
+            with torch.no_grad(), acc.autocast():
+                target = teacher(input_ids=ids, use_cache=False).logits
+        return decoder_loss(logits, target, ids, args.kd_weight, args.kd_temperature), ids.numel()
+
+    metric = "embedding_loss" if encoder else "perplexity"
+
+    def evaluate() -> None:
+        """On the main process, shared with the others; keeps the best step's trainable weights in the work folder."""
+        result = [None]
+        if main:
+            try:
+                value = _measure(net, args, tok, seq_len, acc, encoder, teacher, keep)
+                teacher_value = _measure(teacher, args, tok, seq_len, acc, False, None, None) \
+                    if teacher is not None and not encoder and state.teacher_metric is None else None
+                result[0] = (None, value, teacher_value)
+            except LopperError as e:  # raised on every process, not only here (the others would wait forever)
+                result[0] = (str(e), None, None)
+        error, value, teacher_value = broadcast_object_list(result)[0]
+        if error:
+            raise LopperError(error)
+        if teacher_value is not None:
+            state.teacher_metric = teacher_value
+        state.evals.append([state.step, value])
+        log.info("step %d: %s %.4f", state.step, metric, value)
+        if state.step > 0 and (state.best is None or value < state.best[1]):
+            state.best = [state.step, value, f"best-{state.step:08d}.safetensors"]
+            if main:
+                save_file({n: p.detach().to("cpu", copy=True).contiguous()
+                           for n, p in net.named_parameters() if p.requires_grad}, work / state.best[2])
+        acc.wait_for_everyone()
+
+    def checkpoint() -> None:
+        tmp = work / f".tmp-ckpt-{state.step:08d}"
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if main:
+            final = work / f"ckpt-{state.step:08d}"
+            os.rename(tmp, final)
+            for old in _checkpoints(work):
+                if old != final:
+                    shutil.rmtree(old)
+            for f in work.glob("best-*.safetensors"):
+                if state.best is None or f.name != state.best[2]:
+                    f.unlink()
+        acc.wait_for_everyone()
+
+    if args.eval_text and not state.evals:
+        evaluate()
+    bar = tqdm(total=steps, initial=state.step, desc="heal", unit="step", disable=args.quiet or not main,
+               dynamic_ncols=True)
+    t0, seconds0, tokens_seen = time.time(), state.seconds, 0  # seconds: over all runs, loading included
+    loss_sum, micro, count = torch.zeros((), device=acc.device), 0, 0
+    batches = acc.skip_first_batches(loader, state.step * args.grad_accum) if state.step else loader
+    stopped = False
+    for batch in batches:
+        with acc.accumulate(model):
+            loss, n = step_loss(batch)
+            acc.backward(loss)
+            if acc.sync_gradients and args.max_grad_norm:
+                acc.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss.detach()
+        micro, count = micro + 1, count + n
+        if not acc.sync_gradients:
+            continue
+        scheduler.step()
+        state.step += 1
+        both = acc.gather(torch.stack([loss_sum / micro, torch.tensor(float(count), device=acc.device)]))
+        both = both.reshape(-1, 2)
+        step_loss_value, tokens_seen = both[:, 0].mean().item(), tokens_seen + int(both[:, 1].sum().item())
+        loss_sum.zero_()
+        micro, count = 0, 0
+        state.losses.append([state.step, round(step_loss_value, 6)])
+        state.seconds = seconds0 + time.time() - t_start
+        bar.set_postfix(loss=f"{step_loss_value:.4f}", tok_s=f"{tokens_seen / (time.time() - t0):,.0f}",
+                        refresh=False)
+        bar.update()
+        if state.step == steps:
+            break
+        if args.eval_text and args.eval_every and state.step % args.eval_every == 0:
+            evaluate()
+        if args.save_every and state.step % args.save_every == 0:
+            checkpoint()
+        if args.max_steps and state.step >= args.max_steps:
+            stopped = True
+            break
+    bar.close()
+    if stopped:
+        log.info("stopped after step %d (--max-steps): continue with --resume (last checkpoint: %s)", state.step,
+                 (_checkpoints(work) or ["none"])[-1])
+        return {"stopped_at_step": state.step, "work": str(work)} if main else None
+    if args.eval_text:
+        evaluate()
+    if state.best is not None and state.best[0] != state.step:
+        missing, unexpected = net.load_state_dict(load_file(work / state.best[2]), strict=False)
+        assert not unexpected, unexpected
+        log.info("output: the weights of step %d, the best on --eval-text", state.best[0])
+
+    report = None
+    if main:
+        final = net.merge_and_unload() if args.lora else net
+        if use_cache is not None:
+            final.config.use_cache = use_cache
+        if getattr(config, "lopper_layout", None):
+            final.config.lopper_layout = config.lopper_layout  # lopper.load() replays the plan, as for the input
+        final.eval()
+        k = max(1, min(10, len(state.losses) // 4))  # steps averaged for the first and last loss
+        source = json.loads((Path(args.model) / REPORT_FILE).read_text()) \
+            if (Path(args.model) / REPORT_FILE).is_file() else {"lopper_version": __version__, "source": args.model}
+        section = {
+            "lopper_version": __version__, "student": args.model, "teacher": args.teacher if use_teacher else None,
+            "loss": _loss_name(args, encoder), "lora_rank": args.lora or None, "trainable_params": trainable,
+            **count_params(final, adapter), "processes": world, "device": str(acc.device),
+            "autocast": "bfloat16" if bf16 else None, "seq_len": seq_len, "global_batch": global_batch,
+            "steps": steps, "tokens_trained": tokens_trained, "lr": args.peak_lr(), "warmup_steps": warmup,
+            "loss_first": _mean([v for _, v in state.losses[:k]]),
+            "loss_last": _mean([v for _, v in state.losses[-k:]]),
+            "loss_history": state.losses[::max(1, len(state.losses) // 100)],
+            "seconds": round(seconds0 + time.time() - t_start, 2),
+            "resumed_from": state.resumed_from, "args": asdict(args),
+        }
+        if state.evals:
+            section.update({"metric": metric, "evals": state.evals, f"{metric}_before": state.evals[0][1],
+                            f"{metric}_after": state.best[1], "best_step": state.best[0]})
+            if state.teacher_metric is not None:
+                section[f"teacher_{metric}"] = state.teacher_metric
+        report = {**source, "heal": section}
+        save(final, out, source=args.model, tokenizer=tok, plan=plan, report=report,
+             dtype=_checkpoint_dtype(config), force=args.force)
+        shutil.rmtree(work, ignore_errors=True)
+    acc.wait_for_everyone()
+    return report
+
+
+def _measure(model, args: HealArgs, tok, seq_len: int, acc, encoder: bool, teacher, keep) -> float:
+    """The held-out metric: perplexity on --eval-text (decoders), or the embedding loss to the teacher (encoders)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), acc.autocast():
+            if not encoder:
+                return perplexity(model, tok, args.eval_text, seq_len, args.eval_max_tokens, quiet=True)["perplexity"]
+            items = data.encoder_items(tok, [args.eval_text], seq_len, args.encoder_data, args.seed,
+                                       args.eval_max_tokens)
+            pad, total = data.Pad(tok.pad_token_id if tok.pad_token_id is not None else 0), 0.0
+            for i in range(0, len(items), args.batch):
+                batch = {k: v.to(acc.device) for k, v in pad(items[i:i + args.batch]).items()}
+                target = encoder_embeddings(teacher, batch)
+                target = target if keep is None else target[:, keep]
+                total += embedding_loss(encoder_embeddings(model, batch), target, args.encoder_loss).item() * \
+                    len(batch["input_ids"])
+            return total / len(items)
+    finally:
+        model.train(was_training)
+
+
+def _add_lora(model, adapter, args: HealArgs):
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    blocks = adapter.layers()
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    targets = [n for n, m in model.named_modules()
+               if n.startswith(prefix + ".") and isinstance(m, (nn.Linear, Conv1D))]
+    cfg = LoraConfig(r=args.lora, lora_alpha=args.lora_alpha or 2 * args.lora, lora_dropout=0.0,
+                     target_modules=targets, bias="none")
+    with warnings.catch_warnings():  # peft reads transformers' deprecated `is_gradient_checkpointing`
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        return get_peft_model(model, cfg)
+
+
+def _schedule(steps: int, warmup: int):
+    def factor(s: int) -> float:
+        if s < warmup:
+            return (s + 1) / (warmup + 1)
+        return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+    return factor
+
+
+def _checkpoints(work: Path) -> list[Path]:
+    return sorted(p for p in work.glob("ckpt-*") if p.is_dir()) if work.is_dir() else []
+
+
+def _check_resume(work: Path, args: HealArgs, world: int) -> None:
+    run = json.loads((work / "run.json").read_text())
+    old, new = run["args"], asdict(args)
+    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {v!r}" for k, v in new.items()
+               if k not in RESUME_MAY_CHANGE and old.get(k) != v]
+    if changed:
+        raise LopperError(f"--resume with other options than the interrupted run ({'; '.join(changed)}): give the "
+                          "same options, or --force without --resume to start over")
+    if run["processes"] != world:
+        raise LopperError(f"--resume on {world} processes, but the run started on {run['processes']}: launch the "
+                          "same number")
+
+
+def _check_same_vocab(args: HealArgs, student, s_tok, teacher, t_tok) -> None:
+    sv, tv = (m.get_input_embeddings().weight.shape[0] for m in (student, teacher))
+    if sv != tv or (s_tok is not None and t_tok is not None and s_tok.get_vocab() != t_tok.get_vocab()):
+        raise LopperError(f"{args.model} and --teacher {args.teacher} have different vocabularies ({sv} and {tv} "
+                          "tokens, or other tokenizers): distil from the model the student was pruned from")
+
+
+def _teacher_channels(args: HealArgs, student, teacher, plan: Plan | None) -> torch.Tensor | None:
+    """Encoders whose hidden width was pruned are compared with the teacher's embedding on the kept channels."""
+    ds, dt = (m.get_input_embeddings().weight.shape[1] for m in (student, teacher))
+    if ds == dt:
+        return None
+    if plan is None or len(plan.hidden) != ds:
+        raise LopperError(f"{args.model} has hidden size {ds} and --teacher {dt}, and no lopper_plan.json says "
+                          "which channels it kept: give the folder written by lopper prune")
+    return torch.tensor(plan.hidden, dtype=torch.long)
+
+
+def _loss_name(args: HealArgs, encoder: bool) -> str:
+    if encoder:
+        return f"embedding {args.encoder_loss}"
+    if args.kd_weight == 0:
+        return "cross-entropy"
+    kd = f"{args.kd_weight:g}*T^2*KL (T={args.kd_temperature:g})"
+    return kd if args.kd_weight == 1 else f"{kd} + {1 - args.kd_weight:g}*cross-entropy"
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(sum(xs) / len(xs), 6) if xs else None

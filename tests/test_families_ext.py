@@ -1,0 +1,558 @@
+"""The families added for breadth: GPT-2 (Conv1D, fused c_attn, learned positions), OPT (biases, fc1/fc2, position
+offset, project_in/out, post-norm), Phi-3 (fused qkv_proj and gate_up_proj), Gemma 2 / Gemma 3 text (sandwich norms,
+(1 + w) RMSNorm, scaled embeddings, soft-capping, sliding-window layer_types).
+
+The core's contract for each: a physically pruned model computes what the original computes with the same units
+zeroed (`lopper.surgery.mask`) for layers, heads, KV groups, MLP channels and, where the norm allows exactness (RMSNorm
+families), hidden channels; pruning nothing changes nothing; saved folders reload in plain transformers (standard) or
+`lopper.load` (lopper layout) with the same outputs; generation with a KV cache works after layers are removed.
+LayerNorm families (GPT-2, OPT) are not mask-equivalent under hidden cuts: there they must run, save and reload.
+Architectures and plans are drawn by hypothesis.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lopper
+from lopper import io, surgery
+from lopper.arch import adapter_for
+from lopper.arch.base import ConfigView
+from lopper.errors import LopperError
+from lopper.importance import collect, width_scores
+from lopper.plan import Plan, identity_plan
+from lopper.select import Target, choose
+
+FAMILIES = ("gpt2", "opt", "phi3", "gemma2", "gemma3_text")
+LAYERNORM = ("gpt2", "opt")  # hidden cuts are not mask-equivalent (LayerNorm statistics)
+GQA = ("phi3", "gemma2", "gemma3_text")
+KINDS = ("layers", "heads", "kv", "mlp", "hidden", "all")
+TOL = 1e-4
+INIT = 0.2  # large random weights: a wrongly kept or dropped unit moves the outputs by O(1)
+VOCAB = 96
+SEQ = 9
+TYPES = ("sliding_attention", "full_attention")
+
+
+# ---- tiny models ---------------------------------------------------------------------------------------------------
+def make_config(family: str, layers=3, heads=4, kv_heads=2, head_dim=8, mlp=24, tied=False, hidden=None, init=INIT,
+                **extra):
+    """hidden: Gemma only (its head_dim is independent of hidden_size); elsewhere hidden = heads * head_dim."""
+    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if family == "gpt2":  # GPT2LMHeadModel always ties lm_head to wte
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_layer=layers, n_head=heads, n_embd=heads * head_dim,
+                                      n_inner=mlp, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                      initializer_range=init, **ids, **extra)
+    elif family == "opt":
+        cfg = transformers.OPTConfig(vocab_size=VOCAB, num_hidden_layers=layers, num_attention_heads=heads,
+                                     hidden_size=heads * head_dim, ffn_dim=mlp, max_position_embeddings=64,
+                                     dropout=0.0, tie_word_embeddings=tied, init_std=init, **ids, **extra)
+    elif family == "phi3":
+        cfg = transformers.Phi3Config(vocab_size=VOCAB, num_hidden_layers=layers, num_attention_heads=heads,
+                                      num_key_value_heads=kv_heads, hidden_size=heads * head_dim,
+                                      intermediate_size=mlp, max_position_embeddings=128, tie_word_embeddings=tied,
+                                      initializer_range=init, **ids, **extra)
+    else:
+        cls = {"gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig}[family]
+        extra.setdefault("sliding_window", 4)  # shorter than the test inputs: a layer with the wrong type shows
+        cfg = cls(vocab_size=VOCAB, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                  head_dim=head_dim, hidden_size=hidden or heads * head_dim, intermediate_size=mlp,
+                  query_pre_attn_scalar=head_dim, max_position_embeddings=128, tie_word_embeddings=tied,
+                  initializer_range=init, **ids, **extra)
+    cfg._attn_implementation = "eager"  # fast on CPU for tiny shapes; Gemma 2 needs it for soft-capping anyway
+    return cfg
+
+
+def make_model(family: str, seed: int = 0, **kw):
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(make_config(family, **kw))
+    gemma = family.startswith("gemma")
+    with torch.no_grad():  # random norm weights and biases, so that slicing mistakes show in the outputs
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and ("norm" in name or ".ln_" in name):
+                p.copy_((0.0 if gemma else 1.0) + 0.2 * torch.randn_like(p)) if name.endswith("weight") else \
+                    p.normal_(0, 0.1)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model.eval()
+
+
+def forward(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def inputs(seed: int) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- strategies ----------------------------------------------------------------------------------------------------
+@st.composite
+def archs(draw, family: str, kind: str = "all") -> dict:
+    """A random tiny architecture of `family` on which a plan of `kind` can remove something."""
+    gqa = family in GQA
+    kv = draw(st.integers(2 if kind == "kv" else 1, 3)) if gqa else 1
+    group = draw(st.integers(2 if kind == "heads" or not gqa else 1, 4 if not gqa else 3))
+    head_dim = draw(st.sampled_from([4, 8]))
+    head_dim = 8 if kv * group * head_dim < 16 else 4 if kv * group * head_dim > 48 else head_dim  # hidden 16..48
+    arch = dict(family=family, seed=draw(st.integers(0, 2**16)), layers=draw(st.integers(2, 4)), heads=kv * group,
+                kv_heads=kv, head_dim=head_dim, mlp=draw(st.integers(8, 40)))
+    if family != "gpt2":
+        arch["tied"] = draw(st.booleans())
+    if family == "gpt2":
+        arch["scale_attn_by_inverse_layer_idx"] = draw(st.booleans())
+    elif family == "opt":
+        arch["do_layer_norm_before"] = draw(st.booleans())
+        arch["enable_bias"] = draw(st.booleans())
+        if draw(st.booleans()):
+            arch["word_embed_proj_dim"] = 12  # project_in / project_out around the stream
+    elif family.startswith("gemma"):
+        heads = arch["heads"]
+        arch["hidden"] = heads * draw(st.integers(max(2, -(-16 // heads)), 32 // heads))  # config: hidden % heads
+        arch["layer_types"] = [draw(st.sampled_from(TYPES)) for _ in range(arch["layers"])]
+        arch["sliding_window"] = draw(st.integers(2, 5))
+        if family == "gemma3_text":
+            arch["final_logit_softcapping"] = draw(st.sampled_from([None, 5.0]))
+    return arch
+
+
+def model_of(arch: dict):
+    return make_model(**arch)
+
+
+def kept(data, n: int, label: str, strict: bool, least: int = 1) -> list[int]:
+    size = data.draw(st.integers(least, n - 1 if strict else n), label=f"{label} count")
+    return sorted(data.draw(st.permutations(range(n)), label=label)[:size])
+
+
+def draw_heads(data, plan: Plan, i: int, groups_mode: str, q_mode: str) -> None:
+    """Kept KV groups / query heads of layer i ('all', 'strict': drop at least one, 'any'), under the GQA rule."""
+    sig, entry = plan.model, plan.per_layer[i]
+    n_heads = sig["heads"][i]
+
+    def subset(n, mode, label):
+        return list(range(n)) if mode == "all" else kept(data, n, label, strict=mode == "strict" and n > 1)
+
+    if "kv_heads" not in entry:
+        mode = "strict" if "strict" in (groups_mode, q_mode) else "all" if groups_mode == q_mode == "all" else "any"
+        entry["heads"] = subset(n_heads, mode, f"layer {i} heads")
+        return
+    n_kv = sig["kv_heads"][i]
+    group = n_heads // n_kv
+    groups = subset(n_kv, groups_mode, f"layer {i} kv groups")
+    hi = group - 1 if q_mode == "strict" and group > 1 else group
+    count = group if q_mode == "all" else data.draw(st.integers(1, hi), label=f"layer {i} heads per group")
+    heads = []
+    for g in groups:
+        heads += [g * group + j for j in data.draw(st.permutations(range(group)), label=f"layer {i} group {g}")[:count]]
+    entry["kv_heads"], entry["heads"] = groups, sorted(heads)
+
+
+def draw_plan(data, adapter, kind: str, hidden: bool = True) -> Plan:
+    """A random valid plan of `kind` removing at least one unit of that structure; layers may differ in width."""
+    plan = identity_plan(adapter)
+    sig = plan.model
+    if kind in ("layers", "all"):
+        plan.layers = kept(data, sig["num_layers"], "layers", strict=True)
+    for n, i in enumerate(plan.layers):
+        must = n == 0
+        if kind == "heads":
+            draw_heads(data, plan, i, "all", "strict" if must else "any")
+        elif kind == "kv":
+            draw_heads(data, plan, i, "strict" if must else "any", "all")
+        elif kind == "all":
+            several = sig.get("kv_heads", [1] * (i + 1))[i] > 1
+            draw_heads(data, plan, i, "strict" if must and several else "any",
+                       "strict" if must and not several else "any")
+        if kind in ("mlp", "all"):
+            plan.per_layer[i]["mlp"] = kept(data, sig["mlp"][i], f"layer {i} mlp", strict=must)
+    if kind == "hidden" or (kind == "all" and hidden):
+        # at least half: a token whose few kept channels are all near zero lets an RMSNorm amplify float32 rounding
+        plan.hidden = kept(data, sig["hidden"], "hidden", strict=True, least=max(1, sig["hidden"] // 2))
+    return plan
+
+
+# ---- checks --------------------------------------------------------------------------------------------------------
+def check_shapes(model, plan: Plan, tied: bool) -> None:
+    adapter = adapter_for(model)
+    assert len(adapter.layers()) == len(plan.layers)
+    assert adapter.hidden_size() == len(plan.hidden)
+    for layer, i in zip(adapter.layers(), plan.layers):
+        assert adapter.layer_widths(layer) == {k: len(v) for k, v in plan.per_layer[i].items()}
+    if tied:
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
+def rebuild_from_config(model):
+    """What from_pretrained builds from the rewritten config alone, with these weights."""
+    fresh = type(model)(copy.deepcopy(model.config)).eval()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    if getattr(model.config, "tie_word_embeddings", False):
+        fresh.tie_weights()
+    for (name, a), (_, b) in zip(model.named_modules(), fresh.named_modules()):
+        for attr in ("variance_epsilon", "eps", "scaling", "num_heads", "split_size", "num_key_value_groups"):
+            if hasattr(a, attr) and isinstance(getattr(a, attr), (int, float)):
+                assert math.isclose(getattr(a, attr), getattr(b, attr), rel_tol=1e-9), f"{name}.{attr}"
+    return fresh
+
+
+def check_pruned_equals_masked(arch: dict, plan_of) -> bool:
+    model = model_of(arch)
+    ids = inputs(arch["seed"])
+    original = forward(model, ids)
+    plan = plan_of(adapter_for(model))
+    masked = copy.deepcopy(model)
+    surgery.mask(masked, adapter_for(masked), plan)
+    expected = forward(masked, ids)
+    assert (expected - original).abs().max() > 1e-3, "the plan removes nothing that the outputs can see"
+
+    before = n_params(model)
+    standard = surgery.apply(model, adapter_for(model), plan)
+    assert n_params(model) < before
+    got = forward(model, ids)
+    diff = (got - expected).abs().max().item()
+    assert diff < TOL, f"pruned differs from masked by {diff} for plan {plan.to_json()}"
+    check_shapes(model, plan, arch.get("tied", arch["family"] == "gpt2"))
+    if standard:
+        assert (forward(rebuild_from_config(model), ids) - got).abs().max().item() < 1e-5
+    return standard
+
+
+# ---- masked equivalence, per family and structure ------------------------------------------------------------------
+EXACT = [(f, k) for f in FAMILIES for k in KINDS if not (f in LAYERNORM and k in ("hidden", "kv"))]
+
+
+@pytest.mark.parametrize("family,kind", EXACT)
+@settings(max_examples=3, deadline=None)
+@given(data=st.data())
+def test_pruned_equals_masked(family, kind, data):
+    arch = data.draw(archs(family, kind), label="arch")
+    check_pruned_equals_masked(arch, lambda a: draw_plan(data, a, kind, hidden=family not in LAYERNORM))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_random_architectures_and_plans(family, data):
+    """The property: any tiny architecture of the family, any valid plan (any structure, widths differing between
+    layers), pruned == masked."""
+    kind = data.draw(st.sampled_from([k for k in KINDS if (family, k) in EXACT]), label="kind")
+    arch = data.draw(archs(family, kind), label="arch")
+    check_pruned_equals_masked(arch, lambda a: draw_plan(data, a, kind, hidden=family not in LAYERNORM))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@settings(max_examples=5, deadline=None)
+@given(data=st.data())
+def test_identity_plan_changes_nothing(family, data):
+    arch = data.draw(archs(family), label="arch")
+    model = model_of(arch)
+    ids = inputs(arch["seed"])
+    before, config, state = forward(model, ids), model.config.to_dict(), copy.deepcopy(model.state_dict())
+    params = n_params(model)
+    assert surgery.apply(model, adapter_for(model), identity_plan(adapter_for(model))) is True
+    assert torch.equal(forward(model, ids), before)
+    assert n_params(model) == params
+    assert {k: v for k, v in model.config.to_dict().items() if config.get(k) != v} == {}
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+# ---- LayerNorm families: hidden cuts run, save and reload ----------------------------------------------------------
+@pytest.mark.parametrize("family", LAYERNORM)
+@settings(max_examples=4, deadline=None)
+@given(data=st.data())
+def test_layernorm_hidden_cut_runs_saves_reloads(family, data, tmp_path_factory):
+    arch = data.draw(archs(family), label="arch")
+    model = model_of(arch)
+    ids = inputs(arch["seed"])
+    plan = draw_plan(data, adapter_for(model), "all", hidden=True)
+    surgery.apply(model, adapter_for(model), plan)
+    got = forward(model, ids)
+    assert torch.isfinite(got).all() and got.shape == (2, SEQ, VOCAB)
+    check_shapes(model, plan, arch.get("tied", family == "gpt2"))
+    reloaded = save_and_reload(model, plan, tmp_path_factory.mktemp(family))
+    assert (forward(reloaded, ids) - got).abs().max().item() < TOL
+
+
+# ---- uniform plans: which give standard checkpoints ----------------------------------------------------------------
+# default tiny shape: 3 layers, 4 heads of 8 (2 KV groups for GQA families), MLP 24, hidden 32
+UNIFORM = {
+    "layers": {"layers": [0, 2]},
+    "heads": {"heads": [1, 3]},  # one query head from each of the two groups
+    "kv": {"heads": [2, 3], "kv_heads": [1]},
+    "mlp": {"mlp": [0, 3, 4, 9, 10, 17, 20, 23]},
+    "hidden": {"hidden": [i for i in range(32) if i % 8]},  # 28: a multiple of 4 heads
+    "heads+hidden": {"heads": [0, 2], "hidden": list(range(3, 19))},  # 2 heads of 8 in hidden 16: GPT-2/OPT standard
+}
+UNIFORM["all"] = {**UNIFORM["layers"], **UNIFORM["kv"], **UNIFORM["mlp"], **UNIFORM["hidden"]}
+# GPT-2 and OPT derive head_dim = hidden / heads: heads or hidden alone cannot be a plain config
+NOT_STANDARD = {("gpt2", "heads"), ("gpt2", "hidden"), ("gpt2", "all"), ("opt", "heads"), ("opt", "hidden"),
+                ("opt", "all")}
+
+
+def uniform_plan(adapter, edits: dict) -> Plan:
+    plan = identity_plan(adapter)
+    plan.layers = edits.get("layers", plan.layers)
+    plan.hidden = edits.get("hidden", plan.hidden)
+    for entry in plan.per_layer.values():
+        for key in ("heads", "kv_heads", "mlp"):
+            if key in edits and key in entry:
+                entry[key] = edits[key]
+    if "kv_heads" not in plan.per_layer[0] and "kv_heads" in edits:
+        for entry in plan.per_layer.values():
+            entry["heads"] = [1, 2, 3]  # no KV groups ("all" on GPT-2 / OPT): drop one head instead
+    return plan
+
+
+@pytest.mark.parametrize("family,kind", [(f, k) for f in FAMILIES for k in UNIFORM if f in GQA or k != "kv"])
+def test_uniform_plans_give_standard_checkpoints(family, kind):
+    tied = family != "phi3"
+    model = make_model(family, seed=1, tied=tied) if family != "gpt2" else make_model(family, seed=1)
+    ids = inputs(0)
+    plan = uniform_plan(adapter_for(model), UNIFORM[kind])
+    masked = copy.deepcopy(model)
+    surgery.mask(masked, adapter_for(masked), plan)
+    standard = surgery.apply(model, adapter_for(model), plan)
+    assert standard is ((family, kind) not in NOT_STANDARD)
+    got = forward(model, ids)
+    if family not in LAYERNORM or "hidden" not in UNIFORM[kind]:
+        assert (got - forward(masked, ids)).abs().max().item() < TOL
+    if standard:
+        assert (forward(rebuild_from_config(model), ids) - got).abs().max().item() < 1e-5
+        cfg = model.config
+        assert cfg.num_hidden_layers == len(plan.layers) and cfg.hidden_size == len(plan.hidden)
+        assert cfg.num_attention_heads == len(plan.per_layer[plan.layers[0]]["heads"])
+        if family.startswith("gemma"):
+            assert cfg.layer_types == [make_config(family).layer_types[i] for i in plan.layers]
+
+
+# ---- save, reload, generate ----------------------------------------------------------------------------------------
+def save_and_reload(model, plan: Plan, folder):
+    out = io.save(model, folder / "out", source=str(folder / "nowhere"), tokenizer=None, plan=plan, report={},
+                  dtype=None)
+    config = json.loads((out / "config.json").read_text())
+    if config.get("lopper_layout") == "plan":
+        return lopper.load(str(out))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)  # plain transformers
+    return reloaded.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("layout", ["standard", "lopper"])
+def test_save_and_reload_reproduces_outputs(family, layout, tmp_path):
+    kw = {} if family == "gpt2" else {"tied": True}
+    model = make_model(family, seed=2, **kw)
+    ids = inputs(2)
+    adapter = adapter_for(model)
+    plan = identity_plan(adapter)
+    plan.layers = [0, 2]
+    for n, i in enumerate(plan.layers):
+        plan.per_layer[i]["mlp"] = list(range(0, 24, 2)) if n == 0 or layout == "standard" else list(range(10))
+        if family in GQA:
+            plan.per_layer[i]["heads"], plan.per_layer[i]["kv_heads"] = [2, 3], [1]
+        elif layout == "standard":
+            plan.per_layer[i]["heads"] = [0, 3]
+        else:
+            plan.per_layer[i]["heads"] = [0, 1, 3] if n == 0 else [2]
+    plan.hidden = list(range(4, 20)) if family in LAYERNORM else list(range(4, 32))  # GPT-2/OPT: 2 heads of 8
+    exact = family not in LAYERNORM
+    expected = None
+    if exact:
+        masked = copy.deepcopy(model)
+        surgery.mask(masked, adapter_for(masked), plan)
+        expected = forward(masked, ids)
+    standard = surgery.apply(model, adapter, plan)
+    assert standard is (layout == "standard")
+    got = forward(model, ids)
+    if exact:
+        assert (got - expected).abs().max().item() < TOL
+    reloaded = save_and_reload(model, plan, tmp_path)
+    assert (forward(reloaded, ids) - got).abs().max().item() < TOL
+    check_shapes(reloaded, plan, tied=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_with_kv_cache_after_layer_removal(family, tmp_path):
+    kw = {"layers": 4}
+    if family.startswith("gemma"):
+        kw["layer_types"] = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    model = make_model(family, seed=3, **kw)
+    adapter = adapter_for(model)
+    plan = identity_plan(adapter)
+    plan.layers = [0, 2, 3]  # later layers move down one index: cache slots and layer types must follow
+    plan.per_layer[2]["mlp"] = list(range(12))  # per-layer widths: a lopper layout, whose config keeps the old depth
+    masked = copy.deepcopy(model)
+    surgery.mask(masked, adapter_for(masked), plan)
+    surgery.apply(model, adapter, plan)
+    prompt = inputs(3)[:1]
+    gen = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, return_dict_in_generate=True,
+               output_logits=True)
+    with torch.no_grad():
+        cached = model.generate(prompt, use_cache=True, **gen)
+        uncached = model.generate(prompt, use_cache=False, **gen)
+        reference = masked.generate(prompt, use_cache=True, **gen)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    assert torch.equal(cached.sequences, reference.sequences)
+    for a, b in zip(cached.logits, reference.logits):
+        assert (a - b).abs().max().item() < TOL
+    reloaded = save_and_reload(model, plan, tmp_path)  # lopper.load replays the plan
+    with torch.no_grad():
+        again = reloaded.generate(prompt, use_cache=True, **gen)
+    assert torch.equal(again.sequences, cached.sequences)
+
+
+# ---- through the public API: score (activation metric), plan, cut, save ----------------------------------------------
+def char_tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    chars = [chr(c) for c in range(32, 32 + vocab - 1)]
+    tok = Tokenizer(models.WordLevel({c: i + 1 for i, c in enumerate(chars)} | {"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prune_end_to_end(family, tmp_path):
+    """lopper.prune with calibration (activation scores through Conv1D / fused projections), every structure at
+    once; GPT-2 / OPT with heads and hidden halved: 2 heads of 8 in hidden 16 is a standard config."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    model = make_model(family, seed=4, layers=4, init=0.02)
+    model.save_pretrained(src)
+    char_tokenizer(VOCAB).save_pretrained(src)
+    report = lopper.prune(model=str(src), out=str(out), drop_layers=1, heads=0.5, mlp=0.25, hidden=0.5, round_to=1,
+                          calib_samples=4, seq_len=32, quiet=True)
+    assert report["standard_checkpoint"]
+    assert report["params_after"] < report["params_before"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers
+    plan = Plan.load(out / io.PLAN_FILE)
+    check_shapes(reloaded, plan, tied=family == "gpt2")
+    original = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    ids = inputs(4)
+    if family in LAYERNORM:
+        surgery.apply(original, adapter_for(original), plan)
+    else:
+        surgery.mask(original, adapter_for(original), plan)
+    assert (forward(reloaded, ids) - forward(original, ids)).abs().max().item() < TOL
+
+
+def test_activation_scores_see_conv1d_inputs():
+    model = make_model("gpt2", seed=5)
+    adapter = adapter_for(model)
+    stats = collect(model, adapter, [inputs(5)[:1]], quiet=True)
+    c_attn = adapter.attention(adapter.layers()[0]).c_attn
+    assert stats.input_sq[id(c_attn)].shape == (c_attn.nx,)
+    scores = width_scores(adapter, stats, "activation")
+    for s in (*scores.heads.values(), *scores.mlp.values(), scores.hidden):
+        assert torch.isfinite(s).all() and (s > 0).all()
+
+
+# ---- family details ------------------------------------------------------------------------------------------------
+def test_gpt2_head_and_hidden_combinations():
+    adapter = adapter_for(make_model("gpt2"))
+    assert adapter.check_config({"n_layer": 3, "n_head": 3, "n_embd": 24, "n_inner": 24}) is None
+    problem = adapter.check_config({"n_layer": 3, "n_head": 3, "n_embd": 32, "n_inner": 24})
+    assert "3 heads of 8 need hidden_size 24" in problem
+    # the planner keeps such cuts as a lopper layout instead of refusing them (as for BERT)
+    plan = choose(adapter, Target(heads=0.25, round_to=1), None, width_scores(adapter, None, "magnitude"))
+    assert all(len(e["heads"]) == 3 for e in plan.per_layer.values()) and len(plan.hidden) == 32
+
+
+def test_gpt2_inverse_layer_idx_scaling_follows_renumbering(tmp_path):
+    model = make_model("gpt2", seed=6, layers=4, scale_attn_by_inverse_layer_idx=True)
+    ids = inputs(6)
+    plan = identity_plan(adapter_for(model))
+    plan.layers = [0, 3]  # layer 3 becomes layer 1: its scores were divided by 4, a fresh GPT-2 divides by 2
+    masked = copy.deepcopy(model)
+    surgery.mask(masked, adapter_for(masked), plan)
+    assert surgery.apply(model, adapter_for(model), plan)
+    got = forward(model, ids)
+    assert (got - forward(masked, ids)).abs().max().item() < TOL
+    assert (forward(save_and_reload(model, plan, tmp_path), ids) - got).abs().max().item() < TOL
+
+
+def test_opt_projections_hidden_cut():
+    model = make_model("opt", seed=7, word_embed_proj_dim=12)
+    adapter = adapter_for(model)
+    assert adapter.hidden_size() == 32
+    plan = identity_plan(adapter)
+    plan.hidden = list(range(0, 32, 2))  # 16 = 2 heads of 8 ...
+    for entry in plan.per_layer.values():
+        entry["heads"] = [1, 2]
+    assert surgery.apply(model, adapter, plan)
+    dec = model.model.decoder
+    assert dec.embed_tokens.weight.shape == (VOCAB, 12) and model.lm_head.weight.shape == (VOCAB, 12)
+    assert dec.project_in.weight.shape == (16, 12) and dec.project_out.weight.shape == (12, 16)
+    assert model.config.word_embed_proj_dim == 12 and model.config.hidden_size == 16
+    assert torch.isfinite(forward(rebuild_from_config(model), inputs(7))).all()
+    # ... but a stream as wide as word_embed_proj_dim would make OPTDecoder drop the projections
+    other = make_model("opt", seed=7, word_embed_proj_dim=12, heads=4, head_dim=4)  # 3 heads of 4 fit hidden 12
+    problem = adapter_for(other).check_config({"num_hidden_layers": 3, "num_attention_heads": 3, "ffn_dim": 24,
+                                               "hidden_size": 12})
+    assert problem and "word_embed_proj_dim" in problem
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+@pytest.mark.parametrize("tied", [False, True])
+def test_gemma_embedding_scale_and_norms_after_hidden_cut(family, tied):
+    model = make_model(family, seed=8, tied=tied)
+    ids = inputs(8)
+    plan = identity_plan(adapter_for(model))
+    plan.hidden = list(range(8, 32))
+    masked = copy.deepcopy(model)
+    surgery.mask(masked, adapter_for(masked), plan)
+    assert surgery.apply(model, adapter_for(model), plan)
+    embed = model.model.embed_tokens
+    assert math.isclose(embed.embed_scale.item(), math.sqrt(24), rel_tol=1e-6)  # what a fresh model computes
+    got = forward(model, ids)
+    assert (got - forward(masked, ids)).abs().max().item() < TOL
+    fresh = rebuild_from_config(model)
+    assert math.isclose(fresh.model.embed_tokens.embed_scale.item(), math.sqrt(24), rel_tol=1e-6)
+    assert (forward(fresh, ids) - got).abs().max().item() < 1e-5
+
+
+def test_lopper_layout_views_follow_the_kept_layers():
+    """Per-layer widths keep the original config: Phi-3's attention gets its own head count, Gemma's backbone the
+    kept layers' types; a standard cut leaves neither behind."""
+    phi = make_model("phi3", seed=9)
+    plan = identity_plan(adapter_for(phi))
+    plan.per_layer[0]["heads"], plan.per_layer[0]["kv_heads"] = [0, 1], [0]
+    assert not surgery.apply(phi, adapter_for(phi), plan)
+    assert isinstance(phi.model.layers[0].self_attn.config, ConfigView)
+    assert phi.model.layers[0].self_attn.config.num_attention_heads == 2
+    assert phi.model.layers[1].self_attn.config is phi.config
+
+    gemma = make_model("gemma2", seed=9, layer_types=["full_attention", "sliding_attention", "sliding_attention"])
+    plan = identity_plan(adapter_for(gemma))
+    plan.layers = [1, 2]
+    plan.per_layer[1]["mlp"] = list(range(10))
+    assert not surgery.apply(gemma, adapter_for(gemma), plan)
+    for config in (gemma.config, gemma.model.config):  # what forward() and generate()'s cache read
+        assert config.layer_types == ["sliding_attention", "sliding_attention"] and config.num_hidden_layers == 2
+    saved = gemma.config.to_dict()  # what save_pretrained writes: the original depth, for lopper.load's replay
+    assert saved["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention"]
+    assert saved["num_hidden_layers"] == 3 and saved["lopper_layout"] == "plan"
+    assert adapter_for(gemma).config is gemma.config.__dict__["_base"]
+    copy.deepcopy(gemma)  # views survive copying
+
+    std = make_model("gemma2", seed=9, layer_types=["full_attention", "sliding_attention", "sliding_attention"])
+    plan.per_layer[1]["mlp"] = plan.per_layer[2]["mlp"]
+    assert surgery.apply(std, adapter_for(std), plan)
+    assert std.model.config is std.config and std.config.layer_types == ["sliding_attention", "sliding_attention"]
+
+
+def test_gpt2_cross_attention_is_refused():
+    model = make_model("gpt2", add_cross_attention=True)
+    with pytest.raises(LopperError, match="cross-attention"):
+        adapter_for(model)
