@@ -46,9 +46,10 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lora", type=int, default=0)
     p.add_argument("--device", default="cuda")
     p.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "tmp" / "heal"))
-    p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "heal.json"))
+    p.add_argument("--json", default=str(ROOT / "docs" / "heal.json"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "heal.md"))
     p.add_argument("--smoke", action="store_true", help="CPU, 20k heal tokens, 10 evaluation windows: proves it runs")
+    p.add_argument("--from-json", default="", help="only write --doc again from this results JSON")
     a = p.parse_args()
     if a.smoke:
         a.device, a.tokens, a.eval_max_tokens, a.batch = "cpu", a.tokens or 20_000, a.eval_max_tokens or 5120, 4
@@ -63,7 +64,8 @@ def command(name: str, kwargs: dict) -> str:
             continue
         flag = "--" + k.replace("_", "-")
         words += [flag] if v is True else [flag, *map(str, v)] if isinstance(v, list) else [flag, str(v)]
-    return " ".join(shlex.quote(w) for w in words).replace(str(ROOT.parent) + "/", "../")
+    near = str(ROOT.parent) + os.sep  # paths beside the repository (../shared) as the docs write them
+    return " ".join(shlex.quote(os.path.relpath(w, ROOT) if w.startswith(near) else w) for w in words)
 
 
 def machine(device: str) -> str:
@@ -76,6 +78,9 @@ def machine(device: str) -> str:
 
 def main() -> int:
     a = parse()
+    if a.from_json:
+        Path(a.doc).write_text(markdown(json.loads(Path(a.from_json).read_text()), a.from_json))
+        return 0
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     train = sorted(str(p) for p in Path(a.train_dir).glob("*.txt"))
@@ -114,18 +119,19 @@ def main() -> int:
             measure(f"pruned {pct}% + {mode}", kw["out"], seconds=h["seconds"], heal_steps=h["steps"],
                     heal_tokens=h["tokens_trained"], heal_loss_first=h["loss_first"], heal_loss_last=h["loss_last"])
 
-    result = {"machine": machine(a.device), "smoke": a.smoke, "settings": {k: v for k, v in vars(a).items()},
+    result = {"machine": machine(a.device), "smoke": a.smoke, "settings": vars(a),
+              "command": " ".join(["python", "benchmarks/heal.py", *map(shlex.quote, sys.argv[1:])]),
               "train_files": [Path(t).name for t in train], "rows": rows, "commands": commands,
               "seconds": round(time.time() - t_all, 1)}
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
-    Path(a.doc).write_text(markdown(result, a))
+    Path(a.doc).write_text(markdown(result, a.json))
     print(f"wrote {a.json} and {a.doc}")
     return 0
 
 
-def markdown(r: dict, a: argparse.Namespace) -> str:
-    rows = r["rows"]
+def markdown(r: dict, json_path: str) -> str:
+    rows, a = r["rows"], argparse.Namespace(**r["settings"])
     first = next((x for x in rows if "heal_steps" in x), {})
     lines = ["# Healing after pruning: distillation vs fine-tuning", ""]
     if r["smoke"]:
@@ -153,9 +159,9 @@ def markdown(r: dict, a: argparse.Namespace) -> str:
         lines.append(f"| {x['model']} | {x['params'] / 1e6:.2f}M | {x['params_non_embedding'] / 1e6:.2f}M | "
                      f"{x['perplexity']:.2f} | {sec} |")
     lines += ["", f"Machine: {r['machine']}. Total {r['seconds']:.0f} s (seconds: pruning, or healing with loading).",
-              "", "Commands (what `benchmarks/heal.py" + (" --smoke" if r["smoke"] else "") + "` ran, as CLI calls):",
+              "", f"Run: `{r.get('command', 'python benchmarks/heal.py')}`, which made these calls (as CLI commands):",
               "", "```bash", *r["commands"], "```", "",
-              f"Raw results: `{os.path.relpath(a.json, ROOT)}`.", ""]
+              f"Raw results: `{os.path.relpath(json_path, ROOT)}`.", ""]
     return "\n".join(lines)
 
 

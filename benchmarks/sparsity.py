@@ -2,11 +2,11 @@
 
 On ../shared/models/ref-llama, with calibration from ../shared/data/english, for each budget (by default 50% and
 37.5% of the original nonzero non-embedding parameters):
-  structured            lopper.prune(params=1 - budget), with and without the least-squares repair
-  wanda / sparsegpt     unstructured only, per-row (sparsegpt: per layer), the fraction that meets the budget
-  wanda + owl           the same with OWL's per-layer fractions
-  structured + ...      lopper.prune(params=0.25) then wanda / sparsegpt to meet the budget
-  2:4 variants          at 50% (unstructured only) and 37.5% (structured 25% + 2:4): about the budget, not exactly
+  structured               lopper.prune(params=1 - budget)
+  wanda / sparsegpt        unstructured only (wanda per row, sparsegpt per layer), the fraction that meets the budget
+  structured 25% + sgpt    one structured plan (params=0.25), replayed, then sparsegpt to meet the budget
+  2:4                      50%: sparsegpt 2:4 alone; 37.5%: structured 25% + sparsegpt 2:4 (near the budget)
+  --extra                  structured + lsq repair, wanda + owl, structured 25% + wanda, wanda 2:4
 and the unpruned model. Every variant goes through lopper.prune (saved, bf16 like the source) and is reloaded with
 lopper.load; perplexity on WikiText-2 raw test: one token stream, non-overlapping 512-token windows, total NLL over
 predicted tokens (lopper.evaluate's formula), optionally capped with --max-tokens for CPU runs. Writes a JSON file
@@ -45,13 +45,15 @@ def main() -> None:
     ap.add_argument("--model", default=str(SHARED / "models" / "ref-llama"))
     ap.add_argument("--calib-dir", default=str(SHARED / "data" / "english"))
     ap.add_argument("--calib-chars", type=int, default=60_000, help="characters taken from each calibration file")
-    ap.add_argument("--calib-samples", type=int, default=64)
+    ap.add_argument("--calib-samples", type=int, default=32)
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--text", default=str(SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"))
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=0, help="cap on evaluated tokens (0: the whole split)")
     ap.add_argument("--budgets", default="0.5,0.375", help="nonzero non-embedding fractions of the original")
     ap.add_argument("--only", default="", help="comma-separated variant names to run (default: all)")
+    ap.add_argument("--extra", action="store_true", help="also: structured + lsq repair, wanda + owl, structured + "
+                    "wanda, wanda 2:4")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--json", default=str(ROOT / "docs" / "sparsity.json"))
@@ -78,7 +80,7 @@ def main() -> None:
 
     common = dict(model=args.model, calib=str(calib), calib_samples=args.calib_samples, seq_len=args.calib_len,
                   device=args.device, dtype=args.dtype, quiet=True, force=True)
-    variants = plan_variants(args, common, base, [float(b) for b in args.budgets.split(",")])
+    variants = plan_variants(args, common, base, [float(b) for b in args.budgets.split(",")], work)
     only = set(filter(None, args.only.split(",")))
     for name, budget, kw in variants:
         if only and name not in only or name in results["variants"]:
@@ -133,39 +135,39 @@ def candidate_weights(model_path: str, plan=None) -> tuple[int, int]:
     return counts(model, adapter)["params_non_embedding"], sum(t.weight().numel() for t in sp.targets(model, adapter))
 
 
-def plan_variants(args, common, base, budgets) -> list[tuple[str, float | None, dict | None]]:
+def plan_variants(args, common, base, budgets, work: Path) -> list[tuple[str, float | None, dict | None]]:
     """(name, budget, prune keywords) for every variant; the sparsity fractions are solved so that the nonzero
-    non-embedding parameters meet the budget (norm weights are non-embedding and stay dense)."""
+    non-embedding parameters meet the budget (norm weights are non-embedding and stay dense). The combined
+    variants replay one structured plan (params=STRUCT_FIRST), chosen once."""
     n0 = base["nonzero_non_embedding"]
     dense, lin = candidate_weights(args.model)
-    with tempfile.TemporaryDirectory() as tmp:
-        plan = lopper.plan(**{k: v for k, v in common.items() if k != "force"}, params=STRUCT_FIRST,
-                           out=str(Path(tmp) / "plan.json"))
+    plan_file = work / "structured_first_plan.json"
+    plan = lopper.plan(**{k: v for k, v in common.items()}, params=STRUCT_FIRST, out=str(plan_file))
     dense1, lin1 = candidate_weights(args.model, plan)
-    st = f"structured {STRUCT_FIRST:.0%}"
+    st, first = f"structured {STRUCT_FIRST:.0%}", dict(plan=str(plan_file))
     out = [("unpruned", None, None)]
     for b in budgets:
-        s_only = (dense - b * n0) / lin  # dense == n0 for a trained model: no exact zeros
-        s_comb = (dense1 - b * n0) / lin1
+        s_only = round((dense - b * n0) / lin, 6)  # dense == n0 for a trained model: no exact zeros
+        s_comb = round((dense1 - b * n0) / lin1, 6)
         pct = f"{b:.1%}".replace(".0%", "%")
         out += [(f"{pct} structured", b, dict(params=1 - b)),
-                (f"{pct} structured + lsq repair", b, dict(params=1 - b, repair="lsq")),
-                (f"{pct} wanda", b, dict(sparsity=round(s_only, 6), sparsity_criterion="wanda")),
-                (f"{pct} wanda + owl", b, dict(sparsity=round(s_only, 6), sparsity_criterion="wanda",
-                                                sparsity_allocation="owl")),
-                (f"{pct} sparsegpt", b, dict(sparsity=round(s_only, 6), sparsity_criterion="sparsegpt",
-                                             sparsity_scope="layer"))]
+                (f"{pct} wanda", b, dict(sparsity=s_only, sparsity_criterion="wanda")),
+                (f"{pct} sparsegpt", b, dict(sparsity=s_only, sparsity_criterion="sparsegpt", sparsity_scope="layer"))]
         if 0 < s_comb < 1:
-            out += [(f"{pct} {st} + wanda", b, dict(params=STRUCT_FIRST, sparsity=round(s_comb, 6),
-                                                    sparsity_criterion="wanda")),
-                    (f"{pct} {st} + sparsegpt", b, dict(params=STRUCT_FIRST, sparsity=round(s_comb, 6),
-                                                        sparsity_criterion="sparsegpt", sparsity_scope="layer"))]
+            out += [(f"{pct} {st} + sparsegpt", b, dict(**first, sparsity=s_comb, sparsity_criterion="sparsegpt",
+                                                        sparsity_scope="layer"))]
         if abs(b - 0.5) < 1e-9:
-            out += [("50% wanda 2:4", b, dict(sparsity_pattern="2:4", sparsity_criterion="wanda")),
-                    ("50% sparsegpt 2:4", b, dict(sparsity_pattern="2:4", sparsity_criterion="sparsegpt"))]
-        if abs(b - 0.75 * 0.5) < 1e-9:
-            out += [(f"37.5% {st} + sparsegpt 2:4", b, dict(params=STRUCT_FIRST, sparsity_pattern="2:4",
+            out += [("50% sparsegpt 2:4", b, dict(sparsity_pattern="2:4", sparsity_criterion="sparsegpt"))]
+        if abs(b - (1 - STRUCT_FIRST) * 0.5) < 1e-9:
+            out += [(f"37.5% {st} + sparsegpt 2:4", b, dict(**first, sparsity_pattern="2:4",
                                                              sparsity_criterion="sparsegpt"))]
+        if args.extra:
+            out += [(f"{pct} structured + lsq repair", b, dict(params=1 - b, repair="lsq")),
+                    (f"{pct} wanda + owl", b, dict(sparsity=s_only, sparsity_criterion="wanda",
+                                                    sparsity_allocation="owl")),
+                    (f"{pct} {st} + wanda", b, dict(**first, sparsity=s_comb, sparsity_criterion="wanda"))]
+            if abs(b - 0.5) < 1e-9:
+                out += [("50% wanda 2:4", b, dict(sparsity_pattern="2:4", sparsity_criterion="wanda"))]
     return out
 
 

@@ -411,11 +411,16 @@ def test_bad_sparsity_settings_are_refused(src, tmp_path, kw, message):
     assert not (tmp_path / "out").exists()
 
 
-def test_plan_replay_refuses_new_sparsity_options(src, tmp_path):
+def test_a_replayed_structured_plan_can_get_sparsity_but_a_sparse_plan_keeps_its_own(src, tmp_path):
     lopper.plan(model=str(src), out=str(tmp_path / "plan.json"), mlp=0.5, **FAST)
+    kw = dict(sparsity=0.5, sparsity_criterion="sparsegpt")
+    lopper.prune(model=str(src), out=str(tmp_path / "a"), plan=str(tmp_path / "plan.json"), **kw, **FAST)
+    lopper.prune(model=str(src), out=str(tmp_path / "b"), mlp=0.5, **kw, **FAST)
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(LopperError, match="drop the --sparsity options"):
-        lopper.prune(model=str(src), out=str(tmp_path / "out"), plan=str(tmp_path / "plan.json"), sparsity=0.5,
-                     **FAST)
+        lopper.prune(model=str(src), out=str(tmp_path / "c"), plan=str(tmp_path / "a" / "lopper_plan.json"),
+                     sparsity=0.3, **FAST)
 
 
 def test_cli_bad_pattern_exits_2(src, tmp_path, capsys):

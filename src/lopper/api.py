@@ -14,14 +14,14 @@ import transformers
 
 from . import __version__
 from .errors import LopperError
-from .evaluate import count_params, perplexity, planned_params, weights_size
+from .evaluate import calibration_loss, count_params, perplexity, planned_params, weights_size
 from .importance import collect, width_scores
 from .io import check_output, load_model, read_config, save
 from .plan import Plan
 from .repair import repair
 from . import sparsity as sp
 from .select import Target, choose, default_round_to, solve_params
-from .surgery import apply
+from .surgery import apply, silenced
 from .text import calibration_windows
 
 log = logging.getLogger("lopper")
@@ -47,6 +47,8 @@ class Selection:
     seq_len: int = _opt(256, "tokens per calibration window")
     layer_metric: str = _opt("bi", "layer importance", choices=("bi", "angular"))
     width_metric: str = _opt("activation", "width importance", choices=("magnitude", "activation"))
+    params_search: str = _opt("half", "how --params splits depth and width: half = half the cut by depth; loss = "
+                              "try 0-100%% depth and keep the lowest calibration loss (slower)", choices=("half", "loss"))
     repair: str = _opt("none", "after cutting: lsq = least-squares refit of output projections", choices=("none", "lsq"))
     sparsity: float = _opt(0.0, "then zero this fraction of the remaining Linear weights in the layers (0: off; an "
                            "N:M pattern implies 1 - N/M)")
@@ -141,12 +143,39 @@ def make_plan(args: Selection, model, adapter, windows: list[torch.Tensor] | Non
         return Plan.load(args.plan)
     target = args.target()
     target.round_to = target.round_to or default_round_to(adapter.hidden_size())
+    if not (args.params or target.drop_layers or target.heads or target.mlp or target.hidden):
+        # nothing structured to remove (e.g. --sparsity alone): the same identity plan, without a calibration pass
+        return choose(adapter, target, None, width_scores(adapter, None, "magnitude"))
     needs_stats = args.width_metric == "activation" or args.params or target.drop_layers
     stats = collect(model, adapter, windows, quiet=args.quiet) if needs_stats else None
     scores = width_scores(adapter, stats, args.width_metric)
     if args.params:
-        return solve_params(model, adapter, target, stats, scores, args.params)
+        loss = _candidate_loss(args, model, adapter, windows) if args.params_search == "loss" else None
+        return solve_params(model, adapter, target, stats, scores, args.params, loss=loss)
     return choose(adapter, target, stats, scores)
+
+
+def _candidate_loss(args: Selection, model, adapter, windows: list[torch.Tensor]):
+    """plan -> loss of the model cut (and repaired, if asked) by that plan, on the last quarter of the calibration
+    windows (the rest fit the repair). Each candidate is tried on a copy of the model."""
+    cut = max(1, len(windows) * 3 // 4)
+    fit, held = windows[:cut], windows[cut:] or windows
+    reference = None
+    if not hasattr(model, "lm_head"):
+        with torch.no_grad():
+            reference = [model(input_ids=w.to(next(model.parameters()).device)).last_hidden_state.float().mean(1)
+                         for w in held]
+
+    def loss(p: Plan) -> float:
+        trial = copy.deepcopy(model)
+        trial_adapter = type(adapter)(trial)
+        with silenced():
+            if args.repair == "lsq":
+                repair(trial, trial_adapter, p, fit, quiet=True)
+            apply(trial, trial_adapter, p)
+        return calibration_loss(trial, held, reference)
+
+    return loss
 
 
 def plan(args: PlanArgs | None = None, /, **kwargs) -> Plan:
@@ -163,8 +192,7 @@ def plan(args: PlanArgs | None = None, /, **kwargs) -> Plan:
     p = make_plan(args, model, adapter, calibration(args, model, tok))
     p.meta["source"] = args.model
     p.meta["predicted"] = planned_params(model, type(adapter), p)
-    if not args.plan:
-        p.sparsity = sp.plan_settings(args)
+    p.sparsity = sp.plan_settings(args) or p.sparsity
     tmp = out.with_name(f".{out.name}.tmp")
     p.save(tmp)
     tmp.replace(out)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import logging
 import math
 from pathlib import Path
 
@@ -27,7 +26,7 @@ def count_params(model: nn.Module, adapter: Adapter) -> dict[str, int]:
 
 def planned_params(model: nn.Module, adapter_cls: type[Adapter], plan: Plan) -> dict[str, int]:
     """Parameter counts the plan would give, computed on an empty (meta-device) copy: exact, and cheap."""
-    from .surgery import apply
+    from .surgery import apply, silenced
 
     if getattr(model.config, "lopper_layout", None):
         raise LopperError("this model was saved with a lopper layout (its config keeps the original widths), which "
@@ -36,12 +35,8 @@ def planned_params(model: nn.Module, adapter_cls: type[Adapter], plan: Plan) -> 
         shell = type(model)._from_config(copy.deepcopy(model.config))
     shell.tie_weights()  # not done on meta tensors by _from_config: tied embeddings would count twice
     shell_adapter = adapter_cls(shell)
-    logger = logging.getLogger("lopper")
-    level, logger.level = logger.level, logging.ERROR
-    try:
+    with silenced():
         apply(shell, shell_adapter, plan)
-    finally:
-        logger.level = level
     return count_params(shell, shell_adapter)
 
 
@@ -72,3 +67,19 @@ def perplexity(model: nn.Module, tokenizer, text_path: str | Path, seq_len: int 
         count += seq_len - 1
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": windows,
             "seq_len": seq_len}
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, windows: list[torch.Tensor], reference: list[torch.Tensor] | None = None):
+    """Mean next-token cross-entropy over the windows (causal LMs), or, with `reference` (the unpruned model's
+    mean-pooled outputs), mean 1 - cosine of the pooled outputs (encoders)."""
+    device = next(model.parameters()).device
+    total = 0.0
+    for k, ids in enumerate(windows):
+        out = model(input_ids=ids.to(device))
+        if reference is None:
+            total += torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), ids[0, 1:].to(device)).item()
+        else:
+            pooled = out.last_hidden_state.float().mean(1)
+            total += 1 - torch.nn.functional.cosine_similarity(pooled, reference[k].to(device)).mean().item()
+    return total / len(windows)

@@ -158,33 +158,56 @@ def _valid_hidden(adapter: Adapter, keep: int, k: int, heads: int) -> int:
                       "change --hidden or --round-to")
 
 
-def solve_params(model, adapter: Adapter, target: Target, stats: Stats, scores: WidthScores, frac: float) -> Plan:
-    """Remove `frac` of the non-embedding parameters: about half by depth (block influence, the cheapest cut in
-    quality per parameter on the figures in docs), the rest by MLP width, then heads if MLP alone cannot reach it.
-    Counts are exact (the candidate plan is applied to an empty copy), and the closest plan is returned."""
-    from .evaluate import count_params, planned_params
-
+def solve_params(model, adapter: Adapter, target: Target, stats: Stats, scores: WidthScores, frac: float,
+                 loss=None, shares: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)) -> Plan:
+    """Remove `frac` of the non-embedding parameters. For each share of it given to depth (block influence), the
+    rest goes to MLP width, then heads if MLP alone cannot reach it; counts are exact (each candidate is applied to
+    an empty copy). With `loss` (plan -> calibration loss), the candidate with the lowest loss wins; without it,
+    the half-depth mix."""
     n = len(adapter.layers())
     free = n - target.protect_first - target.protect_last
+    if loss is None:
+        shares = (0.5,)
+    tried = []
+    for share in shares:
+        layers = max(0, min(free, round(share * frac * n)))
+        if any(c["drop_layers"] == layers for c in tried):
+            continue
+        got, p = _fill_width(model, adapter, Target(**{**vars(target), "drop_layers": layers}), stats, scores, frac)
+        if abs(got - frac) > 0.02:
+            continue  # this much depth overshoots, or width cannot make up the rest
+        tried.append({"drop_layers": layers, "removed": round(got, 4), "plan": p,
+                      "loss": None if loss is None else loss(p)})
+    if not tried:
+        raise LopperError(f"--params {frac} cannot be reached with these protections and widths: lower it")
+    best = min(tried, key=lambda c: (c["loss"] if c["loss"] is not None else 0.0))
+    p = best["plan"]
+    p.meta["params"] = {"target": frac, "removed": best["removed"], "choice": p.meta["target"],
+                        "candidates": [{k: v for k, v in c.items() if k != "plan"} for c in tried]}
+    return p
+
+
+def _fill_width(model, adapter: Adapter, t: Target, stats: Stats, scores: WidthScores, frac: float):
+    """Bisect the MLP fraction (then add heads) so that depth + width remove `frac`; returns (removed, plan)."""
+    from .evaluate import count_params, planned_params
+
     base = count_params(model, adapter)["params_non_embedding"]
 
     def removed(t: Target) -> tuple[float, Plan]:
         p = choose(adapter, t, stats, scores)
         return 1 - planned_params(model, type(adapter), p)["params_non_embedding"] / base, p
 
-    t = Target(**{**vars(target), "drop_layers": max(0, min(free, int(frac * n / 2)))})
-    best = None
+    t.mlp = 0.0
+    best = removed(t)
     for heads in (0.0, 0.25, 0.5):
+        if abs(best[0] - frac) < 0.01 or best[0] > frac:
+            break
         t.heads = heads
         lo, hi = 0.0, 0.95
-        for _ in range(12):  # bisection on the MLP fraction; plans change in round_to steps, so 12 is plenty
+        for _ in range(12):  # plans change in round_to steps, so 12 halvings are plenty
             t.mlp = (lo + hi) / 2
             got, p = removed(t)
-            if best is None or abs(got - frac) < abs(best[0] - frac):
+            if abs(got - frac) < abs(best[0] - frac):
                 best = (got, p)
             lo, hi = (t.mlp, hi) if got < frac else (lo, t.mlp)
-        if abs(best[0] - frac) < 0.01:
-            break
-    got, p = best
-    p.meta["params"] = {"target": frac, "removed": round(got, 4), "choice": p.meta["target"]}
-    return p
+    return best

@@ -168,7 +168,7 @@ class Spec:
 def check_args(args) -> None:
     """Validate the --sparsity-* options of an api.Selection (LopperError one-liners)."""
     spec = Spec.from_args(args)
-    if args.plan and spec != Spec():
+    if args.plan and spec != Spec() and _plan_entry_on_disk(args.plan):
         raise LopperError("--plan replays a plan as it is, its sparsity included: drop the --sparsity options")
     spec.check()
 
@@ -182,14 +182,14 @@ def _plan_entry_on_disk(plan_path: str) -> dict | None:
 
 def needs_calibration(args) -> bool:
     """Whether the sparsity requested by `args` (or recorded in the plan it replays) needs calibration windows."""
-    if args.plan:
-        entry = _plan_entry_on_disk(args.plan)
-        return bool(entry) and Spec.from_settings(entry).needs_calibration(bool(entry.get("masks")))
+    entry = _plan_entry_on_disk(args.plan) if args.plan else None
+    if entry:
+        return Spec.from_settings(entry).needs_calibration(bool(entry.get("masks")))
     return Spec.from_args(args).needs_calibration()
 
 
 def plan_settings(args) -> dict | None:
-    """The plan's "sparsity" entry for a dry run (`lopper plan`): the settings, no masks yet."""
+    """The plan's "sparsity" entry for a dry run (`lopper plan`): the settings, no masks yet (None: none asked)."""
     spec = Spec.from_args(args)
     return spec.settings() if spec.active else None
 
@@ -294,31 +294,30 @@ def sparsegpt(w: torch.Tensor, hessian: torch.Tensor, frac: float, spec: Spec, k
         block = max(nm[1], block // nm[1] * nm[1])
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        u1 = u[i1:i2, i1:i2]
         d1 = u1.diagonal()
-        q1, err1 = torch.zeros_like(w1), torch.zeros_like(w1)
+        w1 = w[:, i1:i2].T.contiguous()  # [columns of the block, rows]: one column of w per contiguous row
         if chosen and not nm:
-            score = w1.pow(2) / d1[None, :].pow(2)
+            score = (w1.pow(2) / d1[:, None].pow(2)).T
             if spec.scope == "row":
                 gone = lowest_per_row(score, round(frac * i2) - round(frac * i1))
             else:
                 gone = lowest(score, round(frac * rows * i2) - round(frac * rows * i1))
             keep[:, i1:i2] = ~gone
+        scale = (~keep[:, i1:i2]).T.float() / d1[:, None]  # err_c = w_c * pruned_c / U_cc
+        err1 = torch.empty_like(w1)
         for i in range(i2 - i1):
-            c = i1 + i
             if chosen and nm and i % nm[1] == 0:
-                g = min(nm[1], i2 - c)
+                c, g = i1 + i, min(nm[1], i2 - i1 - i)
                 if g > nm[0]:
-                    score = w1[:, i:i + g].pow(2) / d1[None, i:i + g].pow(2)
+                    score = (w1[i:i + g].pow(2) / d1[i:i + g, None].pow(2)).T
                     keep[:, c:c + g] = ~lowest_per_row(score, g - nm[0])
-            col = w1[:, i]
-            q = col * keep[:, c]
-            q1[:, i] = q
-            err = (col - q) / u1[i, i]
-            w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
-            err1[:, i] = err
-        w[:, i1:i2] = q1
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+                    scale[i:i + g] = (~keep[:, c:c + g]).T.float() / d1[i:i + g, None]
+            torch.mul(w1[i], scale[i], out=err1[i])
+            # spread the error over the block's later columns (a rank-1 matmul: BLAS, not an elementwise op)
+            w1[i:].addmm_(u1[i, i:, None], err1[i, None], alpha=-1)
+        w[:, i1:i2] = (w1 * keep[:, i1:i2].T).T  # pruned entries exactly zero (w - w/d*d may not be)
+        w[:, i2:] -= err1.T @ u[i1:i2, i2:]  # lazy batch update of the later blocks
     return w, keep
 
 
@@ -362,7 +361,7 @@ class Result:
         if calib:
             entry["calibration"] = calib
         if self.spec.allocation == "owl":
-            entry["layer_targets"] = [round(self.layer_targets[i], 6) for i in sorted(self.layer_targets)]
+            entry["layer_targets"] = {str(i): round(v, 6) for i, v in sorted(self.layer_targets.items())}
         entry["modules"] = {k: round(v, 6) for k, v in self.achieved().items()}
         return entry
 
@@ -413,7 +412,6 @@ def sparsify(model: nn.Module, adapter: Adapter, spec: Spec, windows: list[torch
     if layer_targets is None:
         layer_targets = owl_targets(tg, dense_sq, spec) if spec.allocation == "owl" and masks is None else \
             {i: spec.target for i in sorted({t.layer for t in tg})}
-    keep: dict[str, torch.Tensor] = {}
     if masks is not None and spec.criterion != "sparsegpt":
         keep = {t.name: masks[t.name] for t in tg}
     elif spec.scope == "global" and not spec.nm:
@@ -512,14 +510,18 @@ def _sequential(model, adapter, tg, spec, layer_targets, windows, masks, quiet) 
 
 
 def _layer_stats(layer, i, mods, xs, layer_kwargs, hessian: bool) -> dict[int, torch.Tensor]:
-    """Per target of one layer: sum of x_j^2 (Wanda) or H = 2 X^T X / N (SparseGPT), over all windows."""
+    """Per target of one layer: sum of x_j^2 (Wanda) or H = 2 X^T X / N (SparseGPT), over all windows. Modules
+    called on the same tensor (q/k/v, gate/up) share one product."""
     acc: dict[int, torch.Tensor] = {}
     tokens: dict[int, int] = {}
+    last: list = [None, None, 0]  # the input tensor seen last, its product, its tokens
 
     def hook(module, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        acc[id(module)] = acc.get(id(module), 0) + (x.T @ x if hessian else x.pow(2).sum(0))
-        tokens[id(module)] = tokens.get(id(module), 0) + x.shape[0]
+        if args[0] is not last[0]:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            last[:] = [args[0], x.T @ x if hessian else x.pow(2).sum(0), x.shape[0]]
+        acc[id(module)] = acc.get(id(module), 0) + last[1]
+        tokens[id(module)] = tokens.get(id(module), 0) + last[2]
 
     hooks = [t.module.register_forward_pre_hook(hook) for t in mods]
     try:
@@ -528,6 +530,7 @@ def _layer_stats(layer, i, mods, xs, layer_kwargs, hessian: bool) -> dict[int, t
     finally:
         for h in hooks:
             h.remove()
+        last.clear()
     if hessian:
         return {k: 2 * v / tokens[k] for k, v in acc.items()}
     return acc
@@ -575,13 +578,11 @@ def _check_masks(masks: dict[str, torch.Tensor], tg: list[Target]) -> None:
 
 # ---- the api.prune step -----------------------------------------------------------------------------------------
 def for_prune(args, plan, model: nn.Module, adapter: Adapter, windows) -> Result | None:
-    """Sparsify the (already cut) model per args, or per the plan it replays; records the result in plan.sparsity.
-    Returns None when no sparsity was asked for."""
+    """Sparsify the (already cut) model per the plan it replays if that records sparsity, else per args (a replayed
+    structured plan may get new sparsity); records the result in plan.sparsity. None when no sparsity is asked."""
     masks, layer_targets = None, None
-    if args.plan:
-        entry = getattr(plan, "sparsity", None)
-        if not entry:
-            return None
+    entry = getattr(plan, "sparsity", None) if args.plan else None
+    if entry:
         spec = Spec.from_settings(entry)
         if entry.get("masks"):
             path = Path(args.plan).parent / entry["masks"]
@@ -590,7 +591,7 @@ def for_prune(args, plan, model: nn.Module, adapter: Adapter, windows) -> Result
                                   "plan, or remove the plan's \"masks\" entry to choose them again")
             masks = load_masks(path)
             if entry.get("layer_targets") is not None:
-                layer_targets = dict(enumerate(entry["layer_targets"]))
+                layer_targets = {int(i): v for i, v in entry["layer_targets"].items()}
         _warn_calibration(entry, args, spec, masks is not None)
     else:
         spec = Spec.from_args(args)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -15,6 +16,16 @@ from .arch.base import out_dim
 from .plan import Plan, validate
 
 log = logging.getLogger("lopper")
+
+
+@contextmanager
+def silenced():
+    """Mute surgery's `old -> new` log while trying candidate plans on copies."""
+    level, log.level = log.level, logging.ERROR
+    try:
+        yield
+    finally:
+        log.level = level
 
 
 def removed_cuts(adapter: Adapter, plan: Plan) -> dict[tuple[nn.Module, int], torch.Tensor]:

@@ -92,9 +92,13 @@ def heal(args: HealArgs | None = None, /, **kwargs) -> dict | None:
         raise LopperError("--device cuda, but no CUDA device is visible: use --device cpu")
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and device == "cuda" and torch.cuda.is_bf16_supported())
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=True)] if encoder else None  # e.g. the pooler
-    acc = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "no",
-                      gradient_accumulation_steps=args.grad_accum, step_scheduler_with_optimizer=False,
-                      kwargs_handlers=handlers)
+    try:
+        acc = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if bf16 else "no",
+                          gradient_accumulation_steps=args.grad_accum, step_scheduler_with_optimizer=False,
+                          kwargs_handlers=handlers)
+    except ValueError as e:  # accelerate's state is per process: one device and precision per process
+        raise LopperError(f"accelerate is already set up differently in this process ({e}): run heals with another "
+                          "--device or --dtype in a process of their own")
     main, world = acc.is_main_process, acc.num_processes
     _quiet(args.quiet or not main)
     if args.quiet or not main:
@@ -132,6 +136,8 @@ def heal(args: HealArgs | None = None, /, **kwargs) -> dict | None:
     items = items[:steps * global_batch]
     tokens_trained = items.numel() if torch.is_tensor(items) else sum(len(x) for x in items)
     loader = DataLoader(data.Items(items), batch_size=args.batch, shuffle=False, collate_fn=collate)
+    log.info("training on %d tokens: %d steps of %d items (%d per process and micro-batch)", tokens_trained, steps,
+             global_batch, args.batch)
 
     use_cache = getattr(model.config, "use_cache", None)
     if not args.no_gradient_checkpointing and model.supports_gradient_checkpointing:
