@@ -6,6 +6,7 @@ fused projections (one `qkv_proj`) or experts only has to say where its units si
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -50,6 +51,20 @@ class ConfigView:
 
     def get_text_config(self, *args, **kwargs):
         return self  # caches and masks ask for the text config: it is this one, overrides included
+
+
+@torch.no_grad()
+def match_qk_norm_eps(attn: nn.Module, eps: float, eps_attr: str) -> None:
+    """Per-head q/k RMSNorms (Qwen3, Gemma 3) read the config's rms_norm_eps, which hidden pruning scales by r:
+    RMSNorm(sqrt(r) q) with eps * r equals RMSNorm(q) with eps, so scale q_proj/k_proj by sqrt(r) and give the
+    norms the scaled eps, exactly what a reload from the saved config builds."""
+    for norm, proj in ((attn.q_norm, attn.q_proj), (attn.k_norm, attn.k_proj)):
+        ratio = eps / getattr(norm, eps_attr)
+        if ratio != 1.0:
+            proj.weight.mul_(math.sqrt(ratio))
+            if proj.bias is not None:
+                proj.bias.mul_(math.sqrt(ratio))
+            setattr(norm, eps_attr, eps)
 
 
 @dataclass(frozen=True)

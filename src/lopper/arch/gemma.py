@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from .base import Adapter
+from .base import Adapter, match_qk_norm_eps
 
 
 class GemmaAdapter(Adapter):
@@ -54,12 +54,4 @@ class GemmaAdapter(Adapter):
         a = self.attention(layer)
         if not hasattr(a, "q_norm"):  # Gemma 2
             return
-        eps = layer.input_layernorm.eps  # the config's rms_norm_eps, scaled if hidden was pruned
-        for norm, proj in ((a.q_norm, a.q_proj), (a.k_norm, a.k_proj)):
-            ratio = eps / norm.eps
-            if ratio != 1.0:
-                with torch.no_grad():
-                    proj.weight.mul_(math.sqrt(ratio))
-                    if proj.bias is not None:
-                        proj.bias.mul_(math.sqrt(ratio))
-                norm.eps = eps
+        match_qk_norm_eps(a, layer.input_layernorm.eps, "eps")  # the config's rms_norm_eps, scaled if cut
