@@ -107,7 +107,7 @@ def main() -> None:
         del m
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
-    Path(args.md).write_text(markdown(results, variants))
+    Path(args.md).write_text(markdown(results))
     print(f"wrote {args.json} and {args.md}")
 
 
@@ -203,7 +203,7 @@ def setup(args) -> dict:
                           + (f", first {args.max_tokens:,} tokens" if args.max_tokens else ", whole split")}
 
 
-def markdown(results: dict, variants) -> str:
+def markdown(results: dict) -> str:
     s, base = results["setup"], results["setup"]["original"]
     done = results["variants"]
     first = next(iter(done.values()), {})
@@ -223,14 +223,15 @@ def markdown(results: dict, variants) -> str:
         "then X zeroes what the budget still asks; the 2:4 rows land near, not exactly on, their budget.", "",
         "| variant | nonzero non-emb. | of original | stored non-emb. params | layers | perplexity | prune s |",
         "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, _, _ in variants:
-        if name not in done:
-            continue
-        v = done[name]
+    for name, v in done.items():  # in the order they ran
         lines.append(f"| {name} | {v['nonzero_non_embedding']:,} | {v['nonzero_fraction']:.4f} | "
                      f"{v['params_non_embedding']:,} | {v['layers']} | {v['perplexity']:.2f} | "
                      f"{v['prune_seconds']:.0f} |")
-    lines += ["", "Raw figures: `docs/sparsity.json` (settings and achieved sparsity per variant).", ""]
+    total = sum(v["prune_seconds"] + v["eval_seconds"] for v in done.values())
+    lines += ["", f"'prune s' is the wall time of `lopper.prune` (calibration, scoring, cut, sparsity, save); the "
+              f"variants took {total / 60:.0f} minutes in all, pruning and evaluation, on this machine as it was "
+              "loaded at the time.", "", "Raw figures: `docs/sparsity.json` (settings and achieved sparsity per "
+              "variant).", ""]
     return "\n".join(lines)
 
 

@@ -45,8 +45,10 @@ class Selection:
     calib: str = _opt("", "calibration text file (default: built-in public-domain English)")
     calib_samples: int = _opt(32, "calibration windows")
     seq_len: int = _opt(256, "tokens per calibration window")
-    layer_metric: str = _opt("bi", "layer importance", choices=("bi", "angular"))
-    width_metric: str = _opt("activation", "width importance", choices=("magnitude", "activation"))
+    layer_metric: str = _opt("bi", "layer importance (sleb: greedy removal by calibration loss, slower)",
+                             choices=("bi", "angular", "sleb"))
+    width_metric: str = _opt("activation", "width importance (fisher: squared first-order Taylor mask gradients of "
+                             "the LM loss, one backward per window)", choices=("magnitude", "activation", "fisher"))
     params_search: str = _opt("half", "how --params splits depth and width: half = half the cut by depth; loss = "
                               "try 0-100%% depth and keep the lowest calibration loss (slower)", choices=("half", "loss"))
     repair: str = _opt("none", "after cutting: lsq = least-squares refit of output projections", choices=("none", "lsq"))
@@ -81,8 +83,8 @@ class Selection:
             raise LopperError("--params chooses depth and width itself: drop --drop-layers/--heads/--mlp/--hidden")
         if self.plan and (self.params or self.drop_layers or self.heads or self.mlp or self.hidden):
             raise LopperError("--plan replays a plan as it is: drop the other selection options")
-        if self.width_metric not in ("magnitude", "activation"):
-            raise LopperError(f"--width-metric {self.width_metric!r} is unknown: use magnitude or activation")
+        if self.width_metric not in ("magnitude", "activation", "fisher"):
+            raise LopperError(f"--width-metric {self.width_metric!r} is unknown: use magnitude, activation or fisher")
         self.target().check_fractions()
         sp.check_args(self)
 
@@ -124,7 +126,7 @@ def _args(cls, args, kwargs):
 
 def calibration(args: Selection, model, tokenizer) -> list[torch.Tensor] | None:
     """Calibration windows, if the chosen criteria or repair need any."""
-    needs = not args.plan and (args.width_metric == "activation" or args.params or args.drop_layers)
+    needs = not args.plan and (args.width_metric in ("activation", "fisher") or args.params or args.drop_layers)
     if not (needs or args.repair != "none" or sp.needs_calibration(args)):
         return None
     if tokenizer is None:
@@ -143,12 +145,19 @@ def make_plan(args: Selection, model, adapter, windows: list[torch.Tensor] | Non
         return Plan.load(args.plan)
     target = args.target()
     target.round_to = target.round_to or default_round_to(adapter.hidden_size())
+    if target.layer_metric == "sleb" and (args.params or target.drop_layers):
+        from .sleb import Sleb
+        target.drop_fn = Sleb(model, adapter, windows, quiet=args.quiet)
     if not (args.params or target.drop_layers or target.heads or target.mlp or target.hidden):
         # nothing structured to remove (e.g. --sparsity alone): the same identity plan, without a calibration pass
         return choose(adapter, target, None, width_scores(adapter, None, "magnitude"))
     needs_stats = args.width_metric == "activation" or args.params or target.drop_layers
     stats = collect(model, adapter, windows, quiet=args.quiet) if needs_stats else None
-    scores = width_scores(adapter, stats, args.width_metric)
+    if args.width_metric == "fisher" and (args.params or target.heads or target.mlp or target.hidden):
+        from .gradient import fisher_scores
+        scores = fisher_scores(model, adapter, windows, quiet=args.quiet)
+    else:
+        scores = width_scores(adapter, stats, "magnitude" if args.width_metric == "fisher" else args.width_metric)
     if args.params:
         loss = _candidate_loss(args, model, adapter, windows) if args.params_search == "loss" else None
         return solve_params(model, adapter, target, stats, scores, args.params, loss=loss)

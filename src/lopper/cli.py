@@ -8,6 +8,7 @@ from dataclasses import MISSING, fields
 
 from . import api
 from .errors import LopperError
+from .bench import BenchArgs, bench
 from .heal import HealArgs, heal
 
 COMMANDS = {
@@ -15,6 +16,7 @@ COMMANDS = {
     "prune": (api.PruneArgs, api.prune, "prune a model and save a standard checkpoint with plan and report"),
     "eval": (api.EvalArgs, api.evaluate, "parameters, size on disk and perplexity of a model folder"),
     "heal": (HealArgs, heal, "distil or fine-tune a pruned model toward the original; save a standard checkpoint"),
+    "bench": (BenchArgs, bench, "parameters, FLOPs, size, memory, prefill and decode speed of models, with ratios"),
 }
 
 
@@ -23,7 +25,8 @@ def add_fields(parser: argparse.ArgumentParser, cls) -> None:
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
         if meta.get("positional"):
-            parser.add_argument(f.name, help=meta.get("help"))
+            nargs = {"nargs": "+"} if str(f.type) == "list[str]" else {}
+            parser.add_argument(f.name, help=meta.get("help"), **nargs)
         elif f.type in (bool, "bool"):
             parser.add_argument(flag, action="store_true", help=meta.get("help"))
         elif str(f.type) == "list[str]":
@@ -70,6 +73,9 @@ def _print_summary(command: str, result) -> None:
         if result:  # None on the other processes of `accelerate launch`
             section = result.get("heal", result)
             print(json.dumps({k: v for k, v in section.items() if k not in ("loss_history", "args")}, indent=1))
+    elif command == "bench":
+        if not result["args"]["quiet"]:
+            print(result["markdown"])
     else:
         print(json.dumps(result, indent=1))
 

@@ -6,7 +6,8 @@ rounded to a multiple of `round_to` and accepted by the model's config class; no
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -26,6 +27,8 @@ class Target:
     protect_first: int = 1
     protect_last: int = 1
     round_to: int = 0  # 0: chosen from the model's size
+    # layer_metric "sleb": (drop, lo, hi) -> layers of lo..hi-1 to remove (lopper.sleb.Sleb); not saved in the plan
+    drop_fn: Callable[[int, int, int], list[int]] | None = field(default=None, repr=False, compare=False)
 
     def check_fractions(self) -> None:
         for name in ("heads", "mlp", "hidden"):
@@ -41,8 +44,8 @@ class Target:
         if self.drop_layers > max(free, 0):
             raise LopperError(f"--drop-layers {self.drop_layers} is out of range: this model has {num_layers} layers "
                               f"and {max(free, 0)} unprotected; lower --drop-layers or --protect-first/--protect-last")
-        if self.layer_metric not in ("bi", "angular"):
-            raise LopperError(f"--layer-metric {self.layer_metric!r} is unknown: use bi or angular")
+        if self.layer_metric not in ("bi", "angular", "sleb"):
+            raise LopperError(f"--layer-metric {self.layer_metric!r} is unknown: use bi, angular or sleb")
 
 
 def default_round_to(hidden: int) -> int:
@@ -72,7 +75,7 @@ def choose(adapter: Adapter, target: Target, stats: Stats | None, scores: WidthS
         keep = _round_width(h0 * (1 - target.hidden), k, h0)
         keep = _valid_hidden(adapter, keep, k, heads_keep)
         plan.hidden = _top(scores.hidden, keep)
-    plan.meta = {"target": vars(target) | {"round_to": k}}
+    plan.meta = {"target": {n: v for n, v in vars(target).items() if n != "drop_fn"} | {"round_to": k}}
     return plan
 
 
@@ -80,7 +83,11 @@ def _keep_layers(stats: Stats | None, t: Target, n: int) -> list[int]:
     if not t.drop_layers:
         return list(range(n))
     lo, hi = t.protect_first, n - t.protect_last  # droppable layers are lo .. hi-1
-    if t.layer_metric == "bi":
+    if t.layer_metric == "sleb":
+        if t.drop_fn is None:
+            raise LopperError("--layer-metric sleb needs the model and calibration windows (Target.drop_fn)")
+        gone = t.drop_fn(t.drop_layers, lo, hi)
+    elif t.layer_metric == "bi":
         bi = block_influence(stats)
         gone = sorted(range(lo, hi), key=lambda i: bi[i])[:t.drop_layers]
     else:
