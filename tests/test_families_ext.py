@@ -29,6 +29,7 @@ from lopper.errors import LopperError
 from lopper.importance import collect, width_scores
 from lopper.plan import Plan, identity_plan
 from lopper.select import Target, choose
+from plans import draw_plan
 
 FAMILIES = ("gpt2", "opt", "phi3", "gemma2", "gemma3_text")
 LAYERNORM = ("gpt2", "opt")  # hidden cuts are not mask-equivalent (LayerNorm statistics)
@@ -129,58 +130,6 @@ def archs(draw, family: str, kind: str = "all") -> dict:
 
 def model_of(arch: dict):
     return make_model(**arch)
-
-
-def kept(data, n: int, label: str, strict: bool, least: int = 1) -> list[int]:
-    size = data.draw(st.integers(least, n - 1 if strict else n), label=f"{label} count")
-    return sorted(data.draw(st.permutations(range(n)), label=label)[:size])
-
-
-def draw_heads(data, plan: Plan, i: int, groups_mode: str, q_mode: str) -> None:
-    """Kept KV groups / query heads of layer i ('all', 'strict': drop at least one, 'any'), under the GQA rule."""
-    sig, entry = plan.model, plan.per_layer[i]
-    n_heads = sig["heads"][i]
-
-    def subset(n, mode, label):
-        return list(range(n)) if mode == "all" else kept(data, n, label, strict=mode == "strict" and n > 1)
-
-    if "kv_heads" not in entry:
-        mode = "strict" if "strict" in (groups_mode, q_mode) else "all" if groups_mode == q_mode == "all" else "any"
-        entry["heads"] = subset(n_heads, mode, f"layer {i} heads")
-        return
-    n_kv = sig["kv_heads"][i]
-    group = n_heads // n_kv
-    groups = subset(n_kv, groups_mode, f"layer {i} kv groups")
-    hi = group - 1 if q_mode == "strict" and group > 1 else group
-    count = group if q_mode == "all" else data.draw(st.integers(1, hi), label=f"layer {i} heads per group")
-    heads = []
-    for g in groups:
-        heads += [g * group + j for j in data.draw(st.permutations(range(group)), label=f"layer {i} group {g}")[:count]]
-    entry["kv_heads"], entry["heads"] = groups, sorted(heads)
-
-
-def draw_plan(data, adapter, kind: str, hidden: bool = True) -> Plan:
-    """A random valid plan of `kind` removing at least one unit of that structure; layers may differ in width."""
-    plan = identity_plan(adapter)
-    sig = plan.model
-    if kind in ("layers", "all"):
-        plan.layers = kept(data, sig["num_layers"], "layers", strict=True)
-    for n, i in enumerate(plan.layers):
-        must = n == 0
-        if kind == "heads":
-            draw_heads(data, plan, i, "all", "strict" if must else "any")
-        elif kind == "kv":
-            draw_heads(data, plan, i, "strict" if must else "any", "all")
-        elif kind == "all":
-            several = sig.get("kv_heads", [1] * (i + 1))[i] > 1
-            draw_heads(data, plan, i, "strict" if must and several else "any",
-                       "strict" if must and not several else "any")
-        if kind in ("mlp", "all"):
-            plan.per_layer[i]["mlp"] = kept(data, sig["mlp"][i], f"layer {i} mlp", strict=must)
-    if kind == "hidden" or (kind == "all" and hidden):
-        # at least half: a token whose few kept channels are all near zero lets an RMSNorm amplify float32 rounding
-        plan.hidden = kept(data, sig["hidden"], "hidden", strict=True, least=max(1, sig["hidden"] // 2))
-    return plan
 
 
 # ---- checks --------------------------------------------------------------------------------------------------------
