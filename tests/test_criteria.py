@@ -1,13 +1,16 @@
 """Fisher / Taylor width importance (lopper.gradient) and SLEB layer removal (lopper.sleb) on tiny models."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import lopper
 from lopper.arch import adapter_for
 from lopper.errors import LopperError
-from lopper.gradient import _checkpointing, fisher_scores
+from lopper.arch.base import out_dim
+from lopper.gradient import _checkpointing, _embedding_loss, fisher_scores
 from lopper.importance import collect, width_scores
 from lopper.plan import Plan, validate
 from lopper.select import Target, choose
@@ -54,10 +57,38 @@ def test_fisher_through_the_api(model_dir, tmp_path):
     assert r["params_non_embedding_after"] < r["params_non_embedding_before"]
 
 
-def test_fisher_refuses_an_encoder():
-    model = tiny_model("bert", layers=2)
-    with pytest.raises(LopperError, match="causal LM"):
-        fisher_scores(model, adapter_for(model), windows(), quiet=True)
+def _scale_unit(a, parts, unit: int, factor: float) -> None:
+    """Multiply every weight of one unit (and the biases of its output rows) by factor."""
+    with torch.no_grad():
+        for p in parts:
+            idx = p.channels([unit])
+            tensors = [(p.module.weight, p.dim)]
+            if p.module.bias is not None and p.dim == out_dim(p.module):
+                tensors.append((p.module.bias, 0))
+            for t, dim in tensors:
+                t.index_copy_(dim, idx, factor * t.index_select(dim, idx))
+
+
+def test_encoder_fisher_is_the_squared_embedding_mask_gradient():
+    model = tiny_model("bert", layers=2, init=0.1)
+    a = adapter_for(model)
+    _scale_unit(a, a.head_parts(a.layers()[1]), 1, 0.0)  # head 1 of layer 1 zeroed: no gradient reaches its mask
+    ws = windows(n=1)
+    s = fisher_scores(model, a, ws, quiet=True)
+    assert s.heads[1][1].item() == 0.0 and (s.heads[1][[0, 2, 3]] > 0).all() and (s.mlp[0] > 0).all()
+    assert not model.training and all(p.grad is None for p in model.parameters())
+
+    def loss(factor: float) -> float:  # the same draw of eps as the first (only) window of fisher_scores
+        trial = copy.deepcopy(model)
+        t = adapter_for(trial)
+        _scale_unit(t, t.mlp_parts(t.layers()[0]), 3, factor)
+        with torch.no_grad():
+            return _embedding_loss(trial, ws[0], torch.Generator().manual_seed(0)).item()
+
+    h = 1e-2
+    grad = (loss(1 + h) - loss(1 - h)) / (2 * h)
+    assert abs(grad) > 1e-3
+    assert s.mlp[0][3].item() == pytest.approx(grad ** 2, rel=0.03)
 
 
 def test_sleb_removes_the_layer_whose_absence_hurts_least():

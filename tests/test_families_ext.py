@@ -30,59 +30,16 @@ from lopper.importance import collect, width_scores
 from lopper.plan import Plan, identity_plan
 from lopper.select import Target, choose
 from plans import draw_plan
+from tiny import char_tokenizer, make_config, make_model
 
 FAMILIES = ("gpt2", "opt", "phi3", "gemma2", "gemma3_text")
 LAYERNORM = ("gpt2", "opt")  # hidden cuts are not mask-equivalent (LayerNorm statistics)
 GQA = ("phi3", "gemma2", "gemma3_text")
 KINDS = ("layers", "heads", "kv", "mlp", "hidden", "all")
 TOL = 1e-4
-INIT = 0.2  # large random weights: a wrongly kept or dropped unit moves the outputs by O(1)
 VOCAB = 96
 SEQ = 9
 TYPES = ("sliding_attention", "full_attention")
-
-
-# ---- tiny models ---------------------------------------------------------------------------------------------------
-def make_config(family: str, layers=3, heads=4, kv_heads=2, head_dim=8, mlp=24, tied=False, hidden=None, init=INIT,
-                **extra):
-    """hidden: Gemma only (its head_dim is independent of hidden_size); elsewhere hidden = heads * head_dim."""
-    ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    if family == "gpt2":  # GPT2LMHeadModel always ties lm_head to wte
-        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_layer=layers, n_head=heads, n_embd=heads * head_dim,
-                                      n_inner=mlp, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                      initializer_range=init, **ids, **extra)
-    elif family == "opt":
-        cfg = transformers.OPTConfig(vocab_size=VOCAB, num_hidden_layers=layers, num_attention_heads=heads,
-                                     hidden_size=heads * head_dim, ffn_dim=mlp, max_position_embeddings=64,
-                                     dropout=0.0, tie_word_embeddings=tied, init_std=init, **ids, **extra)
-    elif family == "phi3":
-        cfg = transformers.Phi3Config(vocab_size=VOCAB, num_hidden_layers=layers, num_attention_heads=heads,
-                                      num_key_value_heads=kv_heads, hidden_size=heads * head_dim,
-                                      intermediate_size=mlp, max_position_embeddings=128, tie_word_embeddings=tied,
-                                      initializer_range=init, **ids, **extra)
-    else:
-        cls = {"gemma2": transformers.Gemma2Config, "gemma3_text": transformers.Gemma3TextConfig}[family]
-        extra.setdefault("sliding_window", 4)  # shorter than the test inputs: a layer with the wrong type shows
-        cfg = cls(vocab_size=VOCAB, num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                  head_dim=head_dim, hidden_size=hidden or heads * head_dim, intermediate_size=mlp,
-                  query_pre_attn_scalar=head_dim, max_position_embeddings=128, tie_word_embeddings=tied,
-                  initializer_range=init, **ids, **extra)
-    cfg._attn_implementation = "eager"  # fast on CPU for tiny shapes; Gemma 2 needs it for soft-capping anyway
-    return cfg
-
-
-def make_model(family: str, seed: int = 0, **kw):
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(make_config(family, **kw))
-    gemma = family.startswith("gemma")
-    with torch.no_grad():  # random norm weights and biases, so that slicing mistakes show in the outputs
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and ("norm" in name or ".ln_" in name):
-                p.copy_((0.0 if gemma else 1.0) + 0.2 * torch.randn_like(p)) if name.endswith("weight") else \
-                    p.normal_(0, 0.1)
-            elif name.endswith("bias"):
-                p.normal_(0, 0.1)
-    return model.eval()
 
 
 def forward(model, ids) -> torch.Tensor:
@@ -363,15 +320,6 @@ def test_generation_with_kv_cache_after_layer_removal(family, tmp_path):
 
 
 # ---- through the public API: score (activation metric), plan, cut, save ----------------------------------------------
-def char_tokenizer(vocab: int):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    chars = [chr(c) for c in range(32, 32 + vocab - 1)]
-    tok = Tokenizer(models.WordLevel({c: i + 1 for i, c in enumerate(chars)} | {"[UNK]": 0}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prune_end_to_end(family, tmp_path):
     """lopper.prune with calibration (activation scores through Conv1D / fused projections), every structure at

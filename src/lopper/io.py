@@ -11,7 +11,7 @@ import transformers
 from accelerate import init_empty_weights
 from safetensors.torch import load_file
 
-from .arch import Adapter, adapter_class
+from .arch import SUPPORTED, Adapter, adapter_class
 from .errors import LopperError
 from .plan import Plan
 
@@ -85,10 +85,12 @@ def _load_replayed(source: str, config, dtype: torch.dtype):
     del config.lopper_layout
     with init_empty_weights():
         model = model_class(config)._from_config(config, dtype=dtype)
-    apply(model, adapter_class(config.model_type)(model), plan)
+    adapter = adapter_class(config.model_type)(model)
+    apply(model, adapter, plan)
     state = {}
     for f in sorted(folder.glob("*.safetensors")):
         state.update(load_file(f))
+    state = adapter.load_state(state)
     try:
         model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:
@@ -174,11 +176,17 @@ def _add_legacy_config_keys(path: Path) -> None:
     """transformers 5 writes RoPE settings only as `rope_parameters`; 4.5x reads `rope_theta`/`rope_scaling` and
     would silently fall back to its defaults. Write both so the folder means the same in either version."""
     cfg = json.loads(path.read_text())
+    before = dict(cfg)
     rope = cfg.get("rope_parameters")
     if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in cfg:
         cfg["rope_theta"] = rope["rope_theta"]
         if rope.get("rope_type", "default") != "default":
             cfg["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    legacy = adapter_class(cfg["model_type"]).legacy_keys if cfg.get("model_type") in SUPPORTED else {}
+    for old, new in legacy.items():
+        if new in cfg and old not in cfg:
+            cfg[old] = cfg[new]
+    if cfg != before:
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 

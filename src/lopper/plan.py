@@ -66,9 +66,13 @@ class Plan:
     def uniform_widths(self) -> dict[str, int] | None:
         """The widths shared by every kept layer, or None if they differ."""
         per = list(self.widths().values())
-        if any(w != per[0] for w in per):
-            return None
-        return {**per[0], "hidden": len(self.hidden)}
+        out = {}
+        for key in per[0]:
+            counts = {w[key] for w in per if w[key]}  # 0: a layer without this structure (a dense layer of an MoE)
+            if len(counts) > 1:
+                return None
+            out[key] = counts.pop() if counts else 0
+        return {**out, "hidden": len(self.hidden)}
 
 
 def _compact_json(obj) -> str:
@@ -122,10 +126,16 @@ def validate(plan: Plan, adapter: Adapter) -> None:
             if isinstance(sig[key], list):
                 if key not in entry:
                     raise LopperError(f"the plan's layer {i} lacks {key!r}: list the kept {key} indices")
-                _check_subset(f"layer {i} {key}", entry[key], sig[key][i])
+                if sig[key][i] == 0 and entry[key]:
+                    raise LopperError(f"the plan's layer {i} keeps {key} that this layer does not have: give []")
+                if sig[key][i]:
+                    _check_subset(f"layer {i} {key}", entry[key], sig[key][i])
         if "kv_heads" in entry:
             group = sig["heads"][i] // sig["kv_heads"][i]
             _check_groups(i, entry["heads"], entry["kv_heads"], group)
+        if sig.get("experts", [0] * (i + 1))[i]:
+            _check_experts(i, entry, sig["expert_mlp"][i] // sig["experts"][i],
+                           getattr(adapter.config, "num_experts_per_tok", 1))
 
 
 def _check_subset(what: str, idx: list[int], n: int) -> None:
@@ -147,6 +157,23 @@ def _check_groups(layer: int, heads: list[int], kv: list[int], group: int) -> No
     if len(set(counts.values())) != 1 or 0 in counts.values():
         raise LopperError(f"layer {layer} keeps unequal query heads per KV group {counts}: grouped-query attention "
                           "needs the same count in every kept group")
+
+
+def _check_experts(layer: int, entry: dict, per_expert: int, top_k: int) -> None:
+    """Expert channels are numbered e * per_expert + j: each kept expert keeps the same count (experts are stacked
+    in one [E, ...] tensor), removed experts keep none, and the router still has top_k experts to pick."""
+    if len(entry["experts"]) < top_k:
+        raise LopperError(f"layer {layer} keeps {len(entry['experts'])} experts but the router picks {top_k} per "
+                          "token: keep at least that many")
+    counts = {e: 0 for e in entry["experts"]}
+    for u in entry["expert_mlp"]:
+        if u // per_expert not in counts:
+            raise LopperError(f"layer {layer} keeps channels of expert {u // per_expert}, which it removes: keep both "
+                              "or neither")
+        counts[u // per_expert] += 1
+    if len(set(counts.values())) != 1 or 0 in counts.values():
+        raise LopperError(f"layer {layer} keeps unequal channel counts per expert {counts}: every kept expert needs "
+                          "the same count")
 
 
 def _short(s: str, n: int = 300) -> str:

@@ -77,7 +77,7 @@ def repair(model: nn.Module, adapter: Adapter, plan: Plan, batches: list[torch.T
     for pos, i in enumerate(tqdm(plan.layers, desc="repair", disable=quiet, leave=False)):
         layer = layers[i]
         nxt = plan.layers[pos + 1] if pos + 1 < len(plan.layers) else len(layers)
-        bridge = [] if adapter.is_encoder else list(range(i + 1, nxt))
+        bridge = [] if adapter.is_encoder or adapter.mlp_out(layer) is None else list(range(i + 1, nxt))
         gone = {w: cuts.get((w, in_dim(w))) for w in adapter.writers(layer)}
         fit = [w for w in gone if gone[w] is not None or (bridge and w is adapter.mlp_out(layer))]
         grams, cross = _layer_stats(layers, i, fit, bridge, adapter.mlp_out(layer), xs, layer_kwargs)

@@ -12,7 +12,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .arch import Adapter, Part
-from .arch.base import out_dim
+from .arch.base import ExpertTensor, out_dim
 from .plan import Plan, validate
 
 log = logging.getLogger("lopper")
@@ -46,26 +46,51 @@ def removed_cuts(adapter: Adapter, plan: Plan) -> dict[tuple[nn.Module, int], to
         add(adapter.mlp_parts(layer), entry["mlp"], sig["mlp"][i])
         if adapter.has_kv_groups:
             add(adapter.kv_parts(layer), entry["kv_heads"], sig["kv_heads"][i])
+        for key, parts in adapter.extra_parts(layer).items():
+            add(parts, _expert_channels(entry, sig, i) if key == "expert_mlp" else entry[key], sig[key][i])
     kept = set(plan.layers)
     dropped = {id(m) for i, layer in enumerate(layers) if i not in kept for m in layer.modules()}
-    add([p for p in adapter.hidden_parts() if id(p.module) not in dropped], plan.hidden, sig["hidden"])
+    hidden = [p for p in adapter.hidden_parts()
+              if id(p.module.module if isinstance(p.module, ExpertTensor) else p.module) not in dropped]
+    add(hidden, plan.hidden, sig["hidden"])
     return {k: torch.cat(v).unique() for k, v in cuts.items()}
 
 
+def _expert_channels(entry: dict, sig: dict, i: int) -> list[int]:
+    """The expert channels to keep in the cut: the plan's, plus as many of each removed expert as a kept one keeps,
+    so that every expert has the same count when the channel cut (which comes first) stacks them back."""
+    n, per = sig["experts"][i], sig["expert_mlp"][i] // max(sig["experts"][i], 1)
+    count = len(entry["expert_mlp"]) // max(len(entry["experts"]), 1)
+    gone = sorted(set(range(n)) - set(entry["experts"]))
+    return sorted(entry["expert_mlp"] + [e * per + j for e in gone for j in range(count)])
+
+
 def mask(model: nn.Module, adapter: Adapter, plan: Plan) -> list:
-    """Zero, in place, every unit the plan removes; dropped layers pass their input through (a forward hook).
-    Returns the hook handles. The pruned model must compute what this masked model computes."""
+    """Zero, in place, every unit the plan removes; dropped layers pass their input through (a forward hook), and
+    structures that zeros cannot silence (experts: the router) get the adapter's hooks. Returns the hook handles.
+    The pruned model must compute what this masked model computes."""
     validate(plan, adapter)
     zero(removed_cuts(adapter, plan))
     kept = set(plan.layers)
-    return [layer.register_forward_hook(_passthrough, with_kwargs=True)
-            for i, layer in enumerate(adapter.layers()) if i not in kept]
+    handles = [layer.register_forward_hook(_passthrough, with_kwargs=True)
+               for i, layer in enumerate(adapter.layers()) if i not in kept]
+    for i in plan.layers:
+        layer = adapter.layers()[i]
+        removed = {k: sorted(set(range(plan.model[k][i])) - set(plan.per_layer[i][k]))
+                   for k in adapter.extra_parts(layer)}
+        handles += adapter.mask_hooks(layer, removed)
+    return handles
 
 
 @torch.no_grad()
 def zero(cuts: dict[tuple[nn.Module, int], torch.Tensor]) -> None:
     """Zero the given channels (and the matching bias entries of output rows)."""
     for (module, dim), gone in cuts.items():
+        if _flat(module, dim):
+            w = module.weight.movedim(dim, 1)  # a view: [E, channels, ...]
+            gone = gone.to(w.device)
+            w[gone // w.shape[1], gone % w.shape[1]] = 0.0
+            continue
         module.weight.index_fill_(dim, gone.to(module.weight.device), 0.0)
         if dim == out_dim(module) and getattr(module, "bias", None) is not None:
             module.bias.index_fill_(0, gone.to(module.bias.device), 0.0)
@@ -86,8 +111,8 @@ def apply(model: nn.Module, adapter: Adapter, plan: Plan) -> bool:
     with torch.no_grad():
         _drop_layers(adapter, plan.layers)
         memo: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
-        for (module, dim), gone in cuts.items():
-            _slice(module, dim, gone, memo)
+        for (module, dim), gone in sorted(cuts.items(), key=lambda kv: not _flat(*kv[0])):  # experts' own channels
+            _slice(module, dim, gone, memo)  # first: their indices count in the original experts
         if adapter.rms_norm and len(plan.hidden) != hidden_before:
             _rescale_rms_norms(adapter, hidden_before / len(plan.hidden))
         if len(plan.hidden) != hidden_before:
@@ -112,7 +137,9 @@ def _slice(module: nn.Module, dim: int, gone: torch.Tensor, memo: dict) -> None:
     Tied parameters are cut once and re-shared through `memo`, which holds (old, new) so that no id is reused."""
     w = module.weight
     key = (id(w), dim)
-    if key not in memo:
+    if key not in memo and _flat(module, dim):
+        memo[key] = (w, nn.Parameter(_slice_experts(w, dim, gone), requires_grad=w.requires_grad))
+    elif key not in memo:
         keep = _complement(gone, w.shape[dim]).to(w.device)
         memo[key] = (w, nn.Parameter(w.index_select(dim, keep).contiguous(), requires_grad=w.requires_grad))
         bias = getattr(module, "bias", None)
@@ -120,6 +147,21 @@ def _slice(module: nn.Module, dim: int, gone: torch.Tensor, memo: dict) -> None:
             module.bias = nn.Parameter(bias.index_select(0, keep).contiguous(), requires_grad=bias.requires_grad)
     module.weight = memo[key][1]
     _resize_attrs(module)
+
+
+def _flat(module, dim: int) -> bool:
+    return isinstance(module, ExpertTensor) and dim == module.flat_dim
+
+
+def _slice_experts(w: torch.Tensor, dim: int, gone: torch.Tensor) -> torch.Tensor:
+    """Keep, in each expert e of w [E, ...], the channels along `dim` whose flat index e * n + c is not in `gone`;
+    every expert keeps the same count. A gather with sizes known up front, so it also runs on the meta device."""
+    n_exp, n = w.shape[0], w.shape[dim]
+    keep = torch.ones(n_exp * n, dtype=torch.bool)
+    keep[gone.cpu()] = False
+    idx = keep.view(n_exp, n).nonzero()[:, 1].view(n_exp, -1).to(w.device)  # [E, kept], equal counts (validated)
+    v = w.movedim(dim, 1)
+    return v[torch.arange(n_exp, device=w.device)[:, None], idx].movedim(1, dim).contiguous()
 
 
 def _complement(gone: torch.Tensor, n: int) -> torch.Tensor:

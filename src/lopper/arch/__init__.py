@@ -1,18 +1,22 @@
-"""One adapter per architecture family; `adapter_for` picks it from `config.model_type`."""
+"""One adapter per architecture family; `adapter_for` picks it from `config.model_type`.
+
+Every module of this package is imported and every Adapter subclass that names `model_types` is registered, so a
+new family is one new file here and nothing else."""
+import importlib
+import pkgutil
+
 from ..errors import LopperError
 from .base import Adapter, Part
-from .bert import BertAdapter
-from .gemma import GemmaAdapter
-from .gpt2 import GPT2Adapter
-from .llama import LlamaAdapter
-from .mistral import MistralAdapter
-from .opt import OPTAdapter
-from .phi3 import Phi3Adapter
-from .qwen2 import Qwen2Adapter
-from .qwen3 import Qwen3Adapter
 
-ADAPTERS: list[type[Adapter]] = [LlamaAdapter, MistralAdapter, Qwen2Adapter, Qwen3Adapter, BertAdapter, GPT2Adapter,
-                                 OPTAdapter, Phi3Adapter, GemmaAdapter]
+for _info in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_info.name}")
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    return [c for sub in cls.__subclasses__() for c in (sub, *_all_subclasses(sub))]
+
+
+ADAPTERS: list[type[Adapter]] = [c for c in _all_subclasses(Adapter) if c.model_types]
 SUPPORTED = sorted(t for a in ADAPTERS for t in a.model_types)
 
 

@@ -7,6 +7,7 @@ fused projections (one `qkv_proj`) or experts only has to say where its units si
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -67,21 +68,67 @@ def match_qk_norm_eps(attn: nn.Module, eps: float, eps_attr: str) -> None:
             setattr(norm, eps_attr, eps)
 
 
+class ExpertTensor:
+    """One 3-D parameter of a mixture-of-experts layer ([experts, ...], e.g. gate_up_proj [E, 2I, H] and down_proj
+    [E, H, I] in transformers 5) seen as a module with a `.weight`, so that Parts, cuts and masks address it like
+    any Linear. Dim 0 indexes experts; along `flat_dim` (the expert's own channels) indices are flat,
+    e * shape[flat_dim] + channel, because each expert keeps its own channels; other dims are plain (hidden)."""
+
+    def __init__(self, module: nn.Module, name: str, flat_dim: int):
+        self.module, self.name, self.flat_dim = module, name, flat_dim
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return getattr(self.module, self.name)
+
+    @weight.setter
+    def weight(self, value: nn.Parameter) -> None:
+        setattr(self.module, self.name, value)
+
+    @classmethod
+    def of(cls, module: nn.Module, name: str, flat_dim: int) -> ExpertTensor:
+        """The one view of (module, name): cuts are keyed by (view, dim), so the same view must come back."""
+        views = _EXPERT_VIEWS.setdefault(module, {})
+        if name not in views:
+            views[name] = cls(module, name, flat_dim)
+        return views[name]
+
+
+_EXPERT_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @dataclass(frozen=True)
 class Part:
     """Unit u of a structure owns channels `offset + u*block ... offset + (u+1)*block - 1` of `module.weight` along
     `dim` (0 = output rows of a Linear, 1 = input columns; dim 1 of an Embedding; dim 0 of a norm; a Conv1D is
     the other way round: `out_dim` / `in_dim` say which). Masking and cutting also take the bias entries of channels
-    along `out_dim(module)`."""
+    along `out_dim(module)`. Experts' own channels (`per_expert` = channels per expert, on an ExpertTensor's flat
+    dim): unit u is channel u % per_expert of expert u // per_expert."""
 
     module: nn.Module
     dim: int
     offset: int = 0
     block: int = 1
+    per_expert: int = 0
 
     def channels(self, units: list[int]) -> torch.Tensor:
         u = torch.as_tensor(units, dtype=torch.long)
+        if self.per_expert:
+            e, u = u // self.per_expert, u % self.per_expert
+            local = (self.offset + u[:, None] * self.block + torch.arange(self.block)).flatten()
+            return e.repeat_interleave(self.block) * self.module.weight.shape[self.dim] + local
         return (self.offset + u[:, None] * self.block + torch.arange(self.block)).flatten()
+
+    def per_unit(self, t: torch.Tensor, n_units: int) -> torch.Tensor:
+        """Sum a tensor shaped like the weight (|W|, |W * grad|) over each of the first n_units units: [n_units]."""
+        if t.dim() == 1:
+            per_channel = t
+        elif isinstance(self.module, ExpertTensor) and self.dim == self.module.flat_dim:
+            per_channel = t.movedim(self.dim, 1).flatten(2).sum(2).flatten()  # [E * channels], flat indices
+        else:
+            per_channel = t.movedim(self.dim, 0).flatten(1).sum(1)
+        idx = self.channels(list(range(n_units))).to(per_channel.device)
+        return per_channel[idx].view(n_units, -1).sum(1)
 
 
 class Adapter:
@@ -97,6 +144,10 @@ class Adapter:
     # The config derives head_dim = hidden_size / num_attention_heads (GPT-2, OPT): head or hidden cuts that break
     # that are saved as a lopper layout (as for BERT) instead of being refused by the planner.
     derived_head_dim: ClassVar[bool] = False
+    # kept hidden and MLP widths are multiples of this whatever --round-to says (kernels that need aligned strides)
+    width_multiple: ClassVar[int] = 1
+    # config.json field names transformers 4.x reads -> the name transformers 5 writes (io writes both)
+    legacy_keys: ClassVar[dict[str, str]] = {}
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -168,6 +219,28 @@ class Adapter:
             parts.append(Part(self.lm_head(), 1))
         return parts
 
+    def extra_parts(self, layer: nn.Module) -> dict[str, list[Part]]:
+        """Structures beyond heads, KV groups and MLP channels, by the name they have in `layer_widths` and plans
+        (mixture-of-experts: 'experts', 'expert_mlp', 'shared_mlp'). A layer without one has width 0 and no Parts."""
+        return {}
+
+    def mask_hooks(self, layer: nn.Module, removed: dict[str, list[int]]) -> list:
+        """Forward hooks that make a masked layer compute what the cut one computes where zeroing weights cannot (a
+        router must never pick a removed expert). `removed`: structure -> removed units. Returns the handles."""
+        return []
+
+    def calibration_hooks(self, store: dict) -> list:
+        """Hooks that add family-specific sums to `store` while importance.collect runs the calibration text."""
+        return []
+
+    def custom_scores(self, index: int, layer: nn.Module, key: str, store: dict, metric: str):
+        """Scores [units] for structure `key` of layer `index` where Parts alone cannot give them, else None."""
+        return None
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Tensors as save_pretrained wrote them -> this model's state_dict names (for lopper.load)."""
+        return state
+
     # ---- sizes --------------------------------------------------------------------------------------------
     def layer_widths(self, layer: nn.Module) -> dict[str, int]:
         """Current widths of one layer, read off the weights (so it is right after surgery too)."""
@@ -232,8 +305,10 @@ class Adapter:
             upd["rms_norm_eps"] = c.rms_norm_eps * hidden_before / widths["hidden"]
         if getattr(c, "layer_types", None) is not None:
             upd["layer_types"] = [c.layer_types[i] for i in kept_layers]
-        if getattr(c, "max_window_layers", None) is not None:
+        if getattr(c, "max_window_layers", None) is not None and c.max_window_layers < c.num_hidden_layers:
             upd["max_window_layers"] = sum(1 for i in kept_layers if i < c.max_window_layers)
+        if getattr(c, "head_dim", None) is None and upd["head_dim"] * widths["heads"] == widths["hidden"]:
+            del upd["head_dim"]  # the config derives it from hidden / heads (Qwen2-MoE, Phi-3): keep it unwritten
         return upd
 
     def check_config(self, updates: dict) -> str | None:

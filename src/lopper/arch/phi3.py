@@ -65,9 +65,3 @@ class Phi3Adapter(Adapter):
             heads = self._counts(layer)[0]
             if heads != self.config.num_attention_heads:
                 self.attention(layer).config = ConfigView(self.config, num_attention_heads=heads)
-
-    def config_updates(self, widths: dict[str, int], kept_layers: list[int], hidden_before: int) -> dict:
-        upd = super().config_updates(widths, kept_layers, hidden_before)
-        if getattr(self.config, "head_dim", None) is None and upd["head_dim"] * widths["heads"] == widths["hidden"]:
-            del upd["head_dim"]  # still derived from hidden / heads: keep the config as it was written
-        return upd

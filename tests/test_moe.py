@@ -1,0 +1,298 @@
+"""Mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE): whole experts, channels inside experts, a shared
+expert's channels, dense-MLP layers among MoE layers, plus the core structures.
+
+The core's contract holds for each: pruned == masked (< 1e-4 float32; a masked expert is one the router can never
+pick), removing nothing is the identity, saved folders reload (plain transformers for standard configs, lopper.load
+for per-layer widths) with the same outputs, generation after layer removal matches the masked model, and
+`lopper.prune --experts/--mlp` picks experts by routing-weighted output norms. Architectures and plans are drawn by
+hypothesis.
+"""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lopper
+from lopper import io, surgery
+from lopper.arch import adapter_for
+from lopper.errors import LopperError
+from lopper.importance import collect, width_scores
+from lopper.plan import Plan, identity_plan, validate
+from lopper.select import Target, choose
+from plans import draw_heads, kept
+from tiny import MOE, char_tokenizer, tiny_moe
+
+TOL = 1e-4
+VOCAB = 96
+KINDS = ("layers", "heads", "experts", "expert_mlp", "mlp", "hidden", "all")
+
+
+def forward(model, ids) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def inputs(seed: int, n: int = 2, length: int = 9) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+@st.composite
+def archs(draw, family: str) -> dict:
+    experts = draw(st.integers(2, 5))
+    layers = draw(st.integers(2, 4))
+    arch = dict(family=family, seed=draw(st.integers(0, 2**16)), layers=layers, experts=experts,
+                top_k=draw(st.integers(1, min(2, experts - 1))), per=draw(st.integers(2, 12)),
+                kv_heads=draw(st.integers(1, 2)), tied=draw(st.booleans()))
+    arch["heads"] = arch["kv_heads"] * draw(st.integers(1, 3))
+    arch["head_dim"] = 8 if arch["heads"] < 3 else 4
+    if family != "mixtral":
+        arch["dense"] = draw(st.lists(st.integers(0, layers - 1), max_size=1, unique=True))
+        arch["norm_topk"] = draw(st.booleans())
+    if family == "qwen2_moe":
+        arch["shared"] = draw(st.integers(2, 12))
+    return arch
+
+
+def draw_moe_plan(data, adapter, kind: str) -> Plan:
+    """A random valid plan that removes something of `kind` (every structure for 'all') in the first kept layer that
+    has it."""
+    plan = identity_plan(adapter)
+    sig = plan.model
+    if kind in ("layers", "all"):
+        plan.layers = kept(data, sig["num_layers"], "layers", strict=True)
+    for n, i in enumerate(plan.layers):
+        entry, must = plan.per_layer[i], n == 0
+        if kind in ("heads", "all"):
+            draw_heads(data, plan, i, "any", "strict" if must and sig["heads"][i] > sig["kv_heads"][i] else "any")
+        if sig["experts"][i] and kind in ("experts", "expert_mlp", "all"):
+            e, per = sig["experts"][i], sig["expert_mlp"][i] // sig["experts"][i]
+            top_k = adapter.config.num_experts_per_tok
+            entry["experts"] = kept(data, e, f"layer {i} experts", strict=kind == "experts", least=top_k) \
+                if kind != "expert_mlp" else list(range(e))
+            count = data.draw(st.integers(1, per - 1 if kind == "expert_mlp" else per), label=f"layer {i} per expert")
+            entry["expert_mlp"] = sorted(x * per + j for x in entry["experts"]
+                                         for j in data.draw(st.permutations(range(per)))[:count])
+        for key in ("mlp", "shared_mlp"):
+            if sig.get(key, [0] * (i + 1))[i] and kind in ("mlp", "all"):
+                entry[key] = kept(data, sig[key][i], f"layer {i} {key}", strict=False)
+    if kind in ("hidden", "all"):
+        plan.hidden = kept(data, sig["hidden"], "hidden", strict=True, least=max(1, sig["hidden"] // 2))
+    return plan
+
+
+def check_pruned_equals_masked(model, plan: Plan, ids) -> bool:
+    original = forward(model, ids)
+    masked = copy.deepcopy(model)
+    surgery.mask(masked, adapter_for(masked), plan)
+    expected = forward(masked, ids)
+    before = sum(p.numel() for p in model.parameters())
+    standard = surgery.apply(model, adapter_for(model), plan)
+    got = forward(model, ids)
+    assert (got - expected).abs().max().item() < TOL, plan.to_json()
+    if plan.to_json() != identity_plan(adapter_for(copy.deepcopy(masked))).to_json():
+        assert sum(p.numel() for p in model.parameters()) <= before
+    adapter = adapter_for(model)
+    for layer, i in zip(adapter.layers(), plan.layers):
+        assert adapter.layer_widths(layer) == {k: len(v) for k, v in plan.per_layer[i].items()}
+    if standard:  # what from_pretrained builds from the rewritten config alone computes the same
+        fresh = type(model)(copy.deepcopy(model.config)).eval()
+        fresh.load_state_dict(model.state_dict(), strict=True)
+        if model.config.tie_word_embeddings:
+            fresh.tie_weights()
+        assert (forward(fresh, ids) - got).abs().max().item() < 1e-5
+    return (expected - original).abs().max().item() > 1e-4  # whether the plan removed something visible
+
+
+@pytest.mark.parametrize("family", MOE)
+@settings(max_examples=12, deadline=None)
+@given(data=st.data())
+def test_random_architectures_and_plans(family, data):
+    arch = data.draw(archs(family), label="arch")
+    kind = data.draw(st.sampled_from(KINDS), label="kind")
+    model = tiny_moe(**arch)
+    plan = draw_moe_plan(data, adapter_for(model), kind)
+    check_pruned_equals_masked(model, plan, inputs(arch["seed"]))
+
+
+@pytest.mark.parametrize("family", MOE)
+@pytest.mark.parametrize("kind", ["experts", "expert_mlp", "all"])
+def test_each_structure_changes_outputs_and_matches(family, kind):
+    """Fixed shapes where every drawn cut is visible: the masked model must differ from the original."""
+    model = tiny_moe(family, seed=1, layers=3, experts=4, top_k=2, per=8, dense=(1,) if family != "mixtral" else ())
+    adapter = adapter_for(model)
+    plan = identity_plan(adapter)
+    for i in plan.layers:
+        entry = plan.per_layer[i]
+        if plan.model["experts"][i] and kind in ("experts", "all"):
+            entry["experts"] = [0, 2, 3]
+        if plan.model["experts"][i]:
+            width = 8 if kind == "experts" else 5
+            entry["expert_mlp"] = [e * 8 + j for e in entry["experts"] for j in range(8 - width, 8)]
+    if kind == "all":
+        plan.layers = [0, 2]
+        plan.hidden = [h for h in range(32) if h % 4]
+    assert check_pruned_equals_masked(model, plan, inputs(1))
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_identity_plan_changes_nothing(family):
+    model = tiny_moe(family, seed=2, dense=(0,) if family != "mixtral" else ())
+    ids = inputs(2)
+    before, config, state = forward(model, ids), model.config.to_dict(), copy.deepcopy(model.state_dict())
+    assert surgery.apply(model, adapter_for(model), identity_plan(adapter_for(model))) is True
+    assert torch.equal(forward(model, ids), before)
+    assert {k: v for k, v in model.config.to_dict().items() if config.get(k) != v} == {}
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+def test_router_keeps_top_k_experts():
+    model = tiny_moe("mixtral", top_k=2, experts=4)
+    plan = identity_plan(adapter_for(model))
+    plan.per_layer[0]["experts"] = [1]
+    plan.per_layer[0]["expert_mlp"] = list(range(16, 32))
+    with pytest.raises(LopperError, match="router picks 2"):
+        validate(plan, adapter_for(model))
+    plan.per_layer[0]["experts"], plan.per_layer[0]["expert_mlp"] = [1, 2], list(range(16, 32)) + [33]
+    with pytest.raises(LopperError, match="unequal channel counts"):
+        validate(plan, adapter_for(model))
+
+
+def save_and_reload(model, plan: Plan, folder):
+    out = io.save(model, folder / "out", source=str(folder / "nowhere"), tokenizer=None, plan=plan, report={},
+                  dtype=None)
+    config = json.loads((out / "config.json").read_text())
+    if config.get("lopper_layout") == "plan":
+        return lopper.load(str(out)), False
+    return transformers.AutoModelForCausalLM.from_pretrained(out).eval(), True  # plain transformers
+
+
+@pytest.mark.parametrize("family", MOE)
+@pytest.mark.parametrize("layout", ["standard", "lopper"])
+def test_save_and_reload(family, layout, tmp_path):
+    """Widths are multiples of 8 here: the reload uses transformers' default experts kernel (grouped_mm)."""
+    model = tiny_moe(family, seed=3, layers=4, experts=4, per=16, shared=16, mlp=16, tied=True,
+                     dense=(2,) if family != "mixtral" else ())
+    ids = inputs(3)
+    adapter = adapter_for(model)
+    plan = identity_plan(adapter)
+    plan.layers = [0, 2, 3]
+    for n, i in enumerate(plan.layers):
+        entry = plan.per_layer[i]
+        if plan.model["experts"][i]:
+            entry["experts"] = [0, 1, 3] if layout == "standard" or n == 0 else [1, 2]
+            entry["expert_mlp"] = [e * 16 + j for e in entry["experts"] for j in range(4, 12)]
+        for key in ("mlp", "shared_mlp"):
+            if plan.model.get(key, [0] * 4)[i]:
+                entry[key] = list(range(8))
+    # Qwen2-MoE derives head_dim from hidden / heads (transformers 4.57): a hidden cut alone is a lopper layout there
+    plan.hidden = list(range(32)) if (family, layout) == ("qwen2_moe", "standard") else list(range(8, 32))
+    masked = copy.deepcopy(model)
+    surgery.mask(masked, adapter_for(masked), plan)
+    standard = surgery.apply(model, adapter, plan)
+    assert standard is (layout == "standard")
+    got = forward(model, ids)
+    assert (got - forward(masked, ids)).abs().max().item() < TOL
+    reloaded, plain = save_and_reload(model, plan, tmp_path)
+    assert plain is standard
+    assert (forward(reloaded, ids) - got).abs().max().item() < TOL
+    if standard and family != "mixtral":  # the dense layer moved from index 2 to 1
+        assert reloaded.config.mlp_only_layers == [1] and reloaded.config.decoder_sparse_step == 1
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_generation_after_layer_removal(family):
+    model = tiny_moe(family, seed=4, layers=4, dense=(3,) if family != "mixtral" else ())
+    plan = identity_plan(adapter_for(model))
+    plan.layers = [0, 1, 3]
+    masked = copy.deepcopy(model)
+    surgery.mask(masked, adapter_for(masked), plan)
+    surgery.apply(model, adapter_for(model), plan)
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    prompt = inputs(4)[:1]
+    with torch.no_grad():
+        cached = model.generate(prompt, use_cache=True, **gen)
+        reference = masked.generate(prompt, use_cache=True, **gen)
+    assert torch.equal(cached, reference)
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_silent_expert_scores_zero_and_goes_first(family):
+    """Experts rank by routing weight x output norm over calibration tokens: an expert whose down_proj is zero
+    writes nothing, scores exactly 0 and is the one --experts removes; experts that write score > 0."""
+    model = tiny_moe(family, seed=5, experts=4, top_k=2, layers=2, init=0.02)
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        for layer in adapter.layers():
+            layer.mlp.experts.down_proj[2] = 0
+    stats = collect(model, adapter, [inputs(i, n=1, length=48) for i in range(4)], quiet=True)
+    scores = width_scores(adapter, stats, "activation")
+    plan = choose(adapter, Target(experts=0.25), stats, scores)
+    for i in plan.layers:
+        s = scores.other["experts"][i]
+        assert s[2] == 0 and (s[[0, 1, 3]] > 0).all()
+        assert plan.per_layer[i]["experts"] == [0, 1, 3]
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_prune_end_to_end(family, tmp_path):
+    """lopper.prune: routing statistics, experts and expert channels, dense/shared MLPs, a layer; the result loads in
+    plain transformers and equals the original masked by the saved plan."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    model = tiny_moe(family, seed=6, layers=4, experts=4, per=16, shared=16, mlp=16, init=0.02,
+                     dense=(1,) if family != "mixtral" else ())
+    model.save_pretrained(src)
+    char_tokenizer(VOCAB).save_pretrained(src)
+    report = lopper.prune(model=str(src), out=str(out), drop_layers=1, experts=0.25, mlp=0.5, calib_samples=4,
+                          seq_len=32, quiet=True)
+    assert report["standard_checkpoint"]
+    assert report["params_after"] < report["params_before"]
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    plan = Plan.load(out / io.PLAN_FILE)
+    assert all(len(plan.per_layer[i]["experts"]) == 3 for i in plan.layers if plan.model["experts"][i])
+    assert getattr(reloaded.config, adapter_for(reloaded).experts_key) == 3
+    original = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    surgery.mask(original, adapter_for(original), plan)
+    ids = inputs(6)
+    assert (forward(reloaded, ids) - forward(original, ids)).abs().max().item() < TOL
+
+
+def test_too_many_experts_removed_is_refused(tmp_path):
+    src = tmp_path / "src"
+    model = tiny_moe("mixtral", experts=4, top_k=2)
+    model.save_pretrained(src)
+    with pytest.raises(LopperError, match="router picks 2"):
+        lopper.prune(model=str(src), out=str(tmp_path / "out"), experts=0.75, width_metric="magnitude", quiet=True)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", MOE)
+def test_fisher_and_magnitude_scores_cover_experts(family):
+    """Fisher (w * grad summed per unit over stacked expert tensors) and magnitude score every expert structure;
+    an expert whose weights are all zero has magnitude 0 and Fisher 0."""
+    from lopper.gradient import fisher_scores
+
+    model = tiny_moe(family, seed=7, experts=4, top_k=2, per=8, init=0.02, dense=(1,) if family != "mixtral" else ())
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        for layer in adapter.layers():
+            if hasattr(layer.mlp, "experts"):
+                layer.mlp.experts.gate_up_proj[1] = 0
+                layer.mlp.experts.down_proj[1] = 0
+                layer.mlp.gate.weight[1] = 0
+    fisher = fisher_scores(model, adapter, [inputs(i, n=1, length=24) for i in range(3)], quiet=True)
+    magnitude = width_scores(adapter, None, "magnitude")
+    for scores in (fisher, magnitude):
+        for i, layer in enumerate(adapter.layers()):
+            if not hasattr(layer.mlp, "experts"):
+                continue
+            experts, channels = scores.other["experts"][i], scores.other["expert_mlp"][i]
+            assert experts.shape == (4,) and channels.shape == (32,)
+            assert torch.isfinite(experts).all() and experts[1] == 0 and (experts[[0, 2, 3]] > 0).all()
+            assert (channels.view(4, 8)[1] == 0).all() and (channels.view(4, 8)[0] > 0).all()
