@@ -1,7 +1,8 @@
 """From scores and a target to a plan: which layers, heads, KV groups and channels to keep.
 
-Rules: protected first/last layers are never dropped; widths are uniform across layers (a standard checkpoint),
-rounded to a multiple of `round_to` and accepted by the model's config class; no structure is ever emptied.
+Rules: protected first/last layers are never dropped; widths are uniform across layers (a standard checkpoint), or
+with allocation "global" chosen per layer from one ranking across layers (allocate.py); rounded to a multiple of
+`round_to` and accepted by the model's config class; no structure is ever emptied.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from .allocate import global_heads, global_mlp
 from .arch import Adapter
 from .errors import LopperError
 from .importance import Stats, WidthScores, block_angular, block_influence
@@ -23,20 +25,28 @@ class Target:
     heads: float = 0.0
     mlp: float = 0.0
     hidden: float = 0.0
+    experts: float = 0.0  # mixture-of-experts: fraction of each layer's experts to remove
     layer_metric: str = "bi"
     protect_first: int = 1
     protect_last: int = 1
     round_to: int = 0  # 0: chosen from the model's size
+    allocation: str = "uniform"  # "global": per-layer widths from one ranking across layers (allocate.py)
+    min_keep: float = 0.25  # global: every layer keeps at least this fraction of each structure's width
     # layer_metric "sleb": (drop, lo, hi) -> layers of lo..hi-1 to remove (lopper.sleb.Sleb); not saved in the plan
     drop_fn: Callable[[int, int, int], list[int]] | None = field(default=None, repr=False, compare=False)
 
     def check_fractions(self) -> None:
-        for name in ("heads", "mlp", "hidden"):
+        for name in ("heads", "mlp", "hidden", "experts"):
             f = getattr(self, name)
             if not 0.0 <= f < 1.0:
                 raise LopperError(f"--{name} {f} is out of range: give the fraction to remove, 0 <= F < 1")
         if self.drop_layers < 0:
             raise LopperError(f"--drop-layers {self.drop_layers} is negative: give the number of layers to remove")
+        if self.allocation not in ("uniform", "global"):
+            raise LopperError(f"--allocation {self.allocation!r} is unknown: use uniform or global")
+        if not 0.0 < self.min_keep <= 1.0:
+            raise LopperError(f"--min-keep {self.min_keep} is out of range: give the fraction each layer keeps, "
+                              "0 < F <= 1")
 
     def check(self, num_layers: int) -> None:
         self.check_fractions()
@@ -48,9 +58,23 @@ class Target:
             raise LopperError(f"--layer-metric {self.layer_metric!r} is unknown: use bi, angular or sleb")
 
 
-def default_round_to(hidden: int) -> int:
-    """Kept widths are multiples of this: 64 for billion-parameter shapes (GPU tiles), smaller for tiny models."""
-    return 64 if hidden >= 2048 else 32 if hidden >= 1024 else 8 if hidden >= 256 else 1
+def default_round_to(hidden: int, device: str = "cpu", dtype: torch.dtype | None = None) -> int:
+    """Kept widths are multiples of this, chosen for the device the pruned model will run on.
+
+    CUDA: a multiple of 128 bytes of the element type (bf16/fp16: 64, fp32/TF32: 32), the alignment NVIDIA's Matrix
+    Multiplication Background guide gives for full Tensor Core efficiency; 128 when hidden >= 4096, where GEMMs run
+    on 128- and 256-wide cuBLAS tiles and a width just past a tile multiple pays for a whole tile (tile quantization;
+    design.md: MLP 4093 instead of 4096 made an H200 model 0.52x). CPU: at least one vector register of elements
+    (AVX-512: 64 bytes, AVX2: 32, else 16; fp32 on AVX2: 8). Both never below the size rule (64 for hidden >= 2048,
+    32 for >= 1024, 8 for >= 256); models under 256 hidden channels (tests, toys) keep 1."""
+    if hidden < 256:
+        return 1
+    size_rule = 64 if hidden >= 2048 else 32 if hidden >= 1024 else 8
+    itemsize = (dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)).itemsize
+    if device.startswith("cuda"):
+        return 128 if hidden >= 4096 else max(size_rule, 128 // itemsize)
+    vector = {"AVX512": 64, "AVX2": 32}.get(torch.backends.cpu.get_cpu_capability(), 16)
+    return max(size_rule, vector // itemsize)
 
 
 def choose(adapter: Adapter, target: Target, stats: Stats | None, scores: WidthScores) -> Plan:
@@ -58,18 +82,31 @@ def choose(adapter: Adapter, target: Target, stats: Stats | None, scores: WidthS
     n = len(plan.layers)
     target.check(n)
     k = target.round_to or default_round_to(adapter.hidden_size())
+    k = math.lcm(k, adapter.width_multiple)
     plan.layers = _keep_layers(stats, target, n)
     sig = plan.model
-    n_heads, mlp0 = sig["heads"][0], sig["mlp"][0]
-    if target.mlp:
+    n_heads, mlp0 = sig["heads"][0], max(sig["mlp"])  # 0: no dense MLP (every layer a mixture of experts)
+    if target.mlp and mlp0:
         keep = _round_width(mlp0 * (1 - target.mlp), k, mlp0)
-        for i in plan.layers:
-            plan.per_layer[i]["mlp"] = _top(scores.mlp[i], keep)
+        if target.allocation == "global":
+            for i, kept in global_mlp(scores.mlp, plan.layers, keep, k, mlp0, target.min_keep).items():
+                plan.per_layer[i]["mlp"] = kept
+        else:
+            for i in plan.layers:
+                if sig["mlp"][i]:
+                    plan.per_layer[i]["mlp"] = _top(scores.mlp[i], keep)
     heads_keep, kv_keep = n_heads, sig.get("kv_heads", [None])[0]
     if target.heads:
         heads_keep, kv_keep = _head_counts(adapter, target.heads, n_heads, kv_keep)
-        for i in plan.layers:
-            plan.per_layer[i].update(_pick_heads(scores, i, n_heads, kv_keep, heads_keep, sig))
+        if target.allocation == "global":
+            n_kv = sig["kv_heads"][0] if kv_keep is not None else None
+            for i, kept in global_heads(scores, plan.layers, n_heads, n_kv, heads_keep, kv_keep,
+                                        target.min_keep).items():
+                plan.per_layer[i].update(kept)
+        else:
+            for i in plan.layers:
+                plan.per_layer[i].update(_pick_heads(scores, i, n_heads, kv_keep, heads_keep, sig))
+    _choose_experts(adapter, plan, target, scores, k)
     if target.hidden:
         h0 = sig["hidden"]
         keep = _round_width(h0 * (1 - target.hidden), k, h0)
@@ -77,6 +114,29 @@ def choose(adapter: Adapter, target: Target, stats: Stats | None, scores: WidthS
         plan.hidden = _top(scores.hidden, keep)
     plan.meta = {"target": {n: v for n, v in vars(target).items() if n != "drop_fn"} | {"round_to": k}}
     return plan
+
+
+def _choose_experts(adapter: Adapter, plan: Plan, target: Target, scores: WidthScores, k: int) -> None:
+    """Mixture-of-experts layers: --experts removes the same number of whole experts from every such layer (lowest
+    routing-weighted output norm first), --mlp also cuts every kept expert's own channels and a shared expert's
+    channels by the same fraction, each expert keeping its own best channels (experts are stacked [E, ...])."""
+    sig = plan.model
+    for i in plan.layers:
+        entry, n = plan.per_layer[i], sig.get("experts", [0] * len(sig["heads"]))[i]
+        if n:
+            keep = min(n - 1, round(n * (1 - target.experts))) if target.experts else n
+            top_k = getattr(adapter.config, "num_experts_per_tok", 1)
+            if keep < top_k:
+                raise LopperError(f"--experts {target.experts} leaves {keep} of {n} experts but the router picks "
+                                  f"{top_k} per token: remove at most {n - top_k}")
+            per = sig["expert_mlp"][i] // n
+            width = _round_width(per * (1 - target.mlp), k, per) if target.mlp else per
+            channel = scores.other["expert_mlp"][i].view(n, per)
+            entry["experts"] = _top(scores.other["experts"][i], keep)
+            entry["expert_mlp"] = [e * per + j for e in entry["experts"] for j in _top(channel[e], width)]
+        shared = sig.get("shared_mlp", [0] * len(sig["heads"]))[i]
+        if shared and target.mlp:
+            entry["shared_mlp"] = _top(scores.other["shared_mlp"][i], _round_width(shared * (1 - target.mlp), k, shared))
 
 
 def _keep_layers(stats: Stats | None, t: Target, n: int) -> list[int]:
@@ -170,11 +230,11 @@ def solve_params(model, adapter: Adapter, target: Target, stats: Stats, scores: 
     """Remove `frac` of the non-embedding parameters. For each share of it given to depth (block influence), the
     rest goes to MLP width, then heads if MLP alone cannot reach it; counts are exact (each candidate is applied to
     an empty copy). With `loss` (plan -> calibration loss), the candidate with the lowest loss wins; without it,
-    the half-depth mix."""
+    the half-depth mix for uniform widths, width only for per-layer (global) widths."""
     n = len(adapter.layers())
     free = n - target.protect_first - target.protect_last
-    if loss is None:
-        shares = (0.5,)
+    if loss is None:  # measured on ref-llama at 25% (docs/allocation.md): uniform widths do best with half the cut
+        shares = (0.0,) if target.allocation == "global" else (0.5,)  # by depth, per-layer widths with none
     tried = []
     for share in shares:
         layers = max(0, min(free, round(share * frac * n)))
