@@ -93,6 +93,10 @@ def report_table(r: dict) -> str:
                  (f"sparsity of layer weights ({r['sparsity']['pattern']})", 0.0, r["sparsity"]["overall"])]
     if "perplexity_before" in r:
         rows.append(("perplexity", r["perplexity_before"]["perplexity"], r["perplexity_after"]["perplexity"]))
+    if "speedup" in r["plan"]:
+        sp = r["plan"]["speedup"]
+        rows.append((f"prefill speed-up for --target-speedup {sp['target']} (predicted -> measured)",
+                     sp["predicted"], sp["measured"]))
     fmt = lambda v: f"{v:,.2f}" if isinstance(v, float) else f"{v:,}" if isinstance(v, int) else str(v)
     lines = ["| | before | after |", "|---|---:|---:|"] + [f"| {n} | {fmt(a)} | {fmt(b)} |" for n, a, b in rows]
     if not r["standard_checkpoint"]:
