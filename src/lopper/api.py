@@ -16,7 +16,7 @@ from . import __version__
 from .errors import LopperError
 from .evaluate import calibration_loss, count_params, perplexity, planned_params, weights_size
 from .importance import collect, width_scores
-from .io import check_output, load_model, read_config, save
+from .io import check_output, load_model, read_config, resolve_dtype, save
 from .plan import Plan
 from .repair import repair
 from . import sparsity as sp
@@ -40,7 +40,13 @@ class Selection:
     heads: float = _opt(0.0, "fraction of attention heads to remove (whole KV groups when a multiple of 1/kv_heads)")
     mlp: float = _opt(0.0, "fraction of MLP channels to remove")
     hidden: float = _opt(0.0, "fraction of hidden (embedding) channels to remove")
+    experts: float = _opt(0.0, "mixture-of-experts: fraction of each layer's experts to remove (--mlp also cuts "
+                          "channels inside every kept expert)")
     params: float = _opt(0.0, "fraction of non-embedding parameters to remove; lopper picks depth and width")
+    target_speedup: float = _opt(0.0, "measured prefill speed-up S > 1 to reach on --device at --speed-batch x "
+                                 "--speed-len; lopper picks depth and width from per-layer timings (0: off)")
+    speed_batch: int = _opt(8, "batch of the prefill that --target-speedup times")
+    speed_len: int = _opt(256, "tokens per sequence of the prefill that --target-speedup times")
     plan: str = _opt("", "replay this plan JSON instead of choosing")
     calib: str = _opt("", "calibration text file (default: built-in public-domain English)")
     calib_samples: int = _opt(32, "calibration windows")
@@ -48,8 +54,10 @@ class Selection:
     layer_metric: str = _opt("bi", "layer importance (sleb: greedy removal by calibration loss, slower)",
                              choices=("bi", "angular", "sleb"))
     width_metric: str = _opt("activation", "width importance (fisher: squared first-order Taylor mask gradients of "
-                             "the LM loss, one backward per window)", choices=("magnitude", "activation", "fisher"))
-    params_search: str = _opt("half", "how --params splits depth and width: half = half the cut by depth; loss = "
+                             "the LM loss, one backward per window; fluctuation: FLAP's input variance x squared "
+                             "weight column)",
+                             choices=("magnitude", "activation", "fisher", "fluctuation"))
+    params_search: str = _opt("half", "how --params splits depth and width: half = half the cut by depth (none with --allocation global); loss = "
                               "try 0-100%% depth and keep the lowest calibration loss (slower)", choices=("half", "loss"))
     repair: str = _opt("none", "after cutting: lsq = least-squares refit of output projections", choices=("none", "lsq"))
     sparsity: float = _opt(0.0, "then zero this fraction of the remaining Linear weights in the layers (0: off; an "
@@ -64,27 +72,46 @@ class Selection:
                                     "activations have more outliers)", choices=sp.ALLOCATIONS)
     protect_first: int = _opt(1, "first layers never removed")
     protect_last: int = _opt(1, "last layers never removed")
-    round_to: int = _opt(0, "kept widths are multiples of this (0: from the model's size)")
+    round_to: int = _opt(0, "kept widths are multiples of this (0: from the model's size, --device and --dtype)")
+    allocation: str = _opt("uniform", "per-layer widths: uniform (a standard checkpoint), or global (one ranking of "
+                           "each structure's units across layers; widths differ, saved in a lopper layout that "
+                           "lopper.load() rebuilds)", choices=("uniform", "global"))
+    min_keep: float = _opt(0.25, "with --allocation global: every layer keeps at least this fraction of each width")
     device: str = _opt("cpu", "cpu or cuda")
     dtype: str = _opt("auto", "compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
     quiet: bool = _opt(False, "no progress bars or logs")
 
     def target(self) -> Target:
         return Target(drop_layers=self.drop_layers, heads=self.heads, mlp=self.mlp, hidden=self.hidden,
+                      experts=self.experts,
                       layer_metric=self.layer_metric, protect_first=self.protect_first,
-                      protect_last=self.protect_last, round_to=self.round_to)
+                      protect_last=self.protect_last, round_to=self.round_to, allocation=self.allocation,
+                      min_keep=self.min_keep)
 
     def check(self) -> None:
         if not self.model:
             raise LopperError("no model given: pass a Hugging Face model folder or hub id")
         if not 0.0 <= self.params < 1.0:
             raise LopperError(f"--params {self.params} is out of range: give the fraction to remove, 0 <= F < 1")
+        if self.target_speedup and (self.params or self.drop_layers or self.heads or self.mlp or self.hidden
+                                    or self.experts):
+            raise LopperError("--target-speedup chooses depth and width itself: drop --params/--drop-layers/--heads/"
+                              "--mlp/--hidden")
+        if self.target_speedup and self.target_speedup <= 1.0:
+            raise LopperError(f"--target-speedup {self.target_speedup} is not a speed-up: give a factor above 1, "
+                              "e.g. 1.5 (or 0 for off)")
+        if self.target_speedup and min(self.speed_batch, self.speed_len) < 1:
+            raise LopperError("--speed-batch and --speed-len must be at least 1")
+        if self.target_speedup and self.allocation != "uniform":
+            raise LopperError("--target-speedup times uniform widths only: drop --allocation global")
         if self.params and (self.drop_layers or self.heads or self.mlp or self.hidden):
             raise LopperError("--params chooses depth and width itself: drop --drop-layers/--heads/--mlp/--hidden")
-        if self.plan and (self.params or self.drop_layers or self.heads or self.mlp or self.hidden):
+        if self.plan and (self.params or self.target_speedup or self.drop_layers or self.heads or self.mlp
+                          or self.hidden):
             raise LopperError("--plan replays a plan as it is: drop the other selection options")
-        if self.width_metric not in ("magnitude", "activation", "fisher"):
-            raise LopperError(f"--width-metric {self.width_metric!r} is unknown: use magnitude, activation or fisher")
+        if self.width_metric not in ("magnitude", "activation", "fisher", "fluctuation"):
+            raise LopperError(f"--width-metric {self.width_metric!r} is unknown: use magnitude, activation, fisher "
+                              "or fluctuation")
         self.target().check_fractions()
         sp.check_args(self)
 
@@ -126,7 +153,8 @@ def _args(cls, args, kwargs):
 
 def calibration(args: Selection, model, tokenizer) -> list[torch.Tensor] | None:
     """Calibration windows, if the chosen criteria or repair need any."""
-    needs = not args.plan and (args.width_metric in ("activation", "fisher") or args.params or args.drop_layers)
+    needs = not args.plan and (args.width_metric in ("activation", "fisher", "fluctuation") or args.params
+                               or args.target_speedup or args.drop_layers)
     if not (needs or args.repair != "none" or sp.needs_calibration(args)):
         return None
     if tokenizer is None:
@@ -144,16 +172,20 @@ def make_plan(args: Selection, model, adapter, windows: list[torch.Tensor] | Non
     if args.plan:
         return Plan.load(args.plan)
     target = args.target()
-    target.round_to = target.round_to or default_round_to(adapter.hidden_size())
-    if target.layer_metric == "sleb" and (args.params or target.drop_layers):
+    target.round_to = target.round_to or default_round_to(adapter.hidden_size(), args.device,
+                                                          resolve_dtype(args.dtype, args.device))
+    if target.layer_metric == "sleb" and (args.params or args.target_speedup or target.drop_layers):
         from .sleb import Sleb
         target.drop_fn = Sleb(model, adapter, windows, quiet=args.quiet)
-    if not (args.params or target.drop_layers or target.heads or target.mlp or target.hidden):
+    if not (args.params or args.target_speedup or target.drop_layers or target.heads or target.mlp or target.hidden
+            or target.experts):
         # nothing structured to remove (e.g. --sparsity alone): the same identity plan, without a calibration pass
         return choose(adapter, target, None, width_scores(adapter, None, "magnitude"))
-    needs_stats = args.width_metric == "activation" or args.params or target.drop_layers
+    needs_stats = (args.width_metric in ("activation", "fluctuation") or args.params or args.target_speedup
+                   or target.drop_layers)
     stats = collect(model, adapter, windows, quiet=args.quiet) if needs_stats else None
-    if args.width_metric == "fisher" and (args.params or target.heads or target.mlp or target.hidden):
+    if args.width_metric == "fisher" and (args.params or args.target_speedup or target.heads or target.mlp
+                                          or target.hidden or target.experts):
         from .gradient import fisher_scores
         scores = fisher_scores(model, adapter, windows, quiet=args.quiet)
     else:
@@ -161,6 +193,11 @@ def make_plan(args: Selection, model, adapter, windows: list[torch.Tensor] | Non
     if args.params:
         loss = _candidate_loss(args, model, adapter, windows) if args.params_search == "loss" else None
         return solve_params(model, adapter, target, stats, scores, args.params, loss=loss)
+    if args.target_speedup:
+        from . import latency
+        loss = _candidate_loss(args, model, adapter, windows) if args.params_search == "loss" else None
+        timer = latency.prefill_timer(args.speed_batch, args.speed_len, args.device)
+        return latency.solve_speedup(model, adapter, target, stats, scores, args.target_speedup, timer, loss=loss)
     return choose(adapter, target, stats, scores)
 
 
