@@ -14,8 +14,9 @@ At each level F of the non-embedding parameters removed (--levels, default 0.2 0
   torch-pruning  the PyPI package (pip install -e .[bench]) run as its examples/LLMs/prune_llm.py prunes Llama:
          MetaPruner, GroupMagnitudeImportance(p=2, mean), the same ratio for hidden channels, heads and MLP
          channels, round_to 4, lm_head ignored, no repair; the ratio is bisected to F;
-  lopper lopper.prune(params=F, repair="lsq", width_metric="activation") (half depth, half width, least-squares
-         repair).
+  lopper lopper.prune(params=F, repair="lsq", allocation="global"): per-layer MLP/head widths from one ranking
+         across layers, no layer dropped (the --params default for global allocation), least-squares repair;
+         lopper-uniform the same with uniform widths (half the cut by depth), a standard checkpoint.
 No method is healed (no training). Calibration: --calib only (32 windows x 256 tokens by default). Quality:
 WikiText-2 raw test perplexity, non-overlapping 512-token windows (--max-tokens caps the tokens read: on CPU use
 --max-tokens 30720, the first 60 windows). Results go to JSON and a Markdown table with the exact command and machine;
@@ -64,7 +65,8 @@ METHODS = {
     "fisher": "Fisher / first-order Taylor (width)",
     "flap": "FLAP: fluctuation, global adaptive allocation, bias compensation (An et al. 2024)",
     "torch-pruning": "torch-pruning 1.6.1 MetaPruner, magnitude, hidden + MLP channels (Fang et al. 2023)",
-    "lopper": "lopper --params F --repair lsq --width-metric activation",
+    "lopper-uniform": "lopper --params F --repair lsq (uniform widths, half the cut by depth)",
+    "lopper": "lopper --params F --repair lsq --allocation global (per-layer widths, no layer dropped)",
 }
 DEPTH = {"shortgpt": "bi", "gromov": "angular", "sleb": "sleb"}
 
@@ -163,6 +165,7 @@ def main() -> int:
                     trial_adapter = type(adapter)(trial)
                 else:
                     args = Selection(model=a.model, params=level, repair="lsq", width_metric="activation",
+                                     allocation="uniform" if method == "lopper-uniform" else "global",
                                      calib=a.calib, calib_samples=a.calib_samples, seq_len=a.seq_len, quiet=True)
                     p = make_plan(args, model, adapter, windows)
                     with silenced():
@@ -170,10 +173,10 @@ def main() -> int:
                 if p is not None:
                     with silenced():
                         apply(trial, trial_adapter, p)
+                    widths = {key: [len(p.per_layer[i][key]) for i in p.layers] for key in ("mlp", "heads")}
                     extra = {"layers_kept": len(p.layers),
                              "dropped_layers": sorted(set(range(n_layers)) - set(p.layers)),
-                             "mlp": len(p.per_layer[p.layers[0]]["mlp"]),
-                             "heads": len(p.per_layer[p.layers[0]]["heads"])}
+                             **{key: w[0] if len(set(w)) == 1 else w for key, w in widths.items()}}
             except Exception as e:  # a baseline that fails is recorded as failed, not hidden
                 run.update(error=f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
                            prune_seconds=round(time.time() - t, 1))

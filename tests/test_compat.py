@@ -27,50 +27,9 @@ json.dump(t.tolist(), open(out, "w"))
 """
 
 
-@pytest.mark.skipif(not TF4, reason="LOPPER_TF4_PATH not set (.ci/run sets it)")
-@pytest.mark.parametrize("family,cut", [("llama", {"drop_layers": 1, "mlp": 0.5, "heads": 0.5, "hidden": 0.25}),
-                                        ("qwen2", {"mlp": 0.25, "heads": 0.5}),
-                                        ("qwen3", {"drop_layers": 1, "hidden": 0.5}),
-                                        ("bert", {"drop_layers": 1, "mlp": 0.5})])
-def test_saved_folder_loads_in_transformers_4(tmp_path, family, cut):
+def prune_and_compare_in_transformers_4(model, cut: dict, tmp_path) -> None:
+    """Save `model`, prune it to a standard checkpoint, and check transformers 4.57 computes the same logits."""
     src, out = tmp_path / "src", tmp_path / "out"
-    model = tiny_model(family, layers=4, heads=4, kv_heads=2, head_dim=8, mlp=32)
-    model.config.rope_parameters = {"rope_type": "default", "rope_theta": 5000.0} if family != "bert" else None
-    model.save_pretrained(src)
-    char_tokenizer(model.config.vocab_size).save_pretrained(src)
-    report = lopper.prune(model=str(src), out=str(out), width_metric="magnitude", quiet=True, round_to=1,
-                          protect_first=1, protect_last=1, **cut)
-    assert report["standard_checkpoint"]
-    ids = torch.randint(3, 90, (1, 12))
-    expected = outputs(lopper.load(str(out)), ids)
-    env = {**os.environ, "PYTHONPATH": TF4}
-    subprocess.run([sys.executable, "-c", LOAD_IN_TF4, str(out), json.dumps(ids.tolist()), str(tmp_path / "o.json")],
-                   check=True, env=env, capture_output=True)
-    got = torch.tensor(json.load(open(tmp_path / "o.json")))
-    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
-
-
-BREADTH = [("gpt2", {"drop_layers": 1, "mlp": 0.5, "heads": 0.5, "hidden": 0.5}),
-           ("opt", {"drop_layers": 1, "mlp": 0.5, "heads": 0.5, "hidden": 0.5}),
-           ("phi3", {"drop_layers": 1, "mlp": 0.5, "heads": 0.5}),
-           ("gemma2", {"drop_layers": 1, "mlp": 0.5, "hidden": 0.25}),
-           ("gemma3_text", {"drop_layers": 1, "mlp": 0.5, "heads": 0.5, "hidden": 0.25})] + \
-          [("mixtral", {"drop_layers": 1, "experts": 0.25, "mlp": 0.5, "hidden": 0.25}),
-           ("qwen2_moe", {"drop_layers": 1, "experts": 0.25, "mlp": 0.5, "heads": 0.5, "hidden": 0.5}),
-           ("qwen3_moe", {"drop_layers": 1, "experts": 0.25, "mlp": 0.5, "hidden": 0.25})]
-
-
-@pytest.mark.skipif(not TF4, reason="LOPPER_TF4_PATH not set (.ci/run sets it)")
-@pytest.mark.parametrize("family,cut", BREADTH)
-def test_breadth_families_load_in_transformers_4(tmp_path, family, cut):
-    """GPT-2, OPT, Phi-3, Gemma 2 / 3 and the mixture-of-experts decoders (whose stacked experts transformers 5 saves
-    one tensor per expert, the layout 4.57 reads) give the same logits in both versions after pruning."""
-    src, out = tmp_path / "src", tmp_path / "out"
-    if family in MOE:
-        model = tiny_moe(family, layers=4, per=16, shared=16, mlp=16, init=0.02,
-                         dense=(1,) if family != "mixtral" else ())
-    else:
-        model = make_model(family, layers=4, init=0.02)
     model.save_pretrained(src)
     char_tokenizer(model.config.vocab_size).save_pretrained(src)
     report = lopper.prune(model=str(src), out=str(out), width_metric="magnitude", quiet=True, round_to=1, **cut)
@@ -82,3 +41,37 @@ def test_breadth_families_load_in_transformers_4(tmp_path, family, cut):
                    check=True, env=env, capture_output=True)
     got = torch.tensor(json.load(open(tmp_path / "o.json")))
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+@pytest.mark.skipif(not TF4, reason="LOPPER_TF4_PATH not set (.ci/run sets it)")
+@pytest.mark.parametrize("family,cut", [("llama", {"drop_layers": 1, "mlp": 0.5, "heads": 0.5, "hidden": 0.25}),
+                                        ("qwen2", {"mlp": 0.25, "heads": 0.5}),
+                                        ("qwen3", {"drop_layers": 1, "hidden": 0.5}),
+                                        ("bert", {"drop_layers": 1, "mlp": 0.5})])
+def test_saved_folder_loads_in_transformers_4(tmp_path, family, cut):
+    model = tiny_model(family, layers=4, heads=4, kv_heads=2, head_dim=8, mlp=32)
+    model.config.rope_parameters = {"rope_type": "default", "rope_theta": 5000.0} if family != "bert" else None
+    prune_and_compare_in_transformers_4(model, cut, tmp_path)
+
+
+BREADTH = [("gpt2", {"drop_layers": 1, "mlp": 0.5, "heads": 0.5, "hidden": 0.5}),
+           ("opt", {"drop_layers": 1, "mlp": 0.5, "heads": 0.5, "hidden": 0.5}),
+           ("phi3", {"drop_layers": 1, "mlp": 0.5, "heads": 0.5}),
+           ("gemma2", {"drop_layers": 1, "mlp": 0.5, "hidden": 0.25}),
+           ("gemma3_text", {"drop_layers": 1, "mlp": 0.5, "heads": 0.5, "hidden": 0.25}),
+           ("mixtral", {"drop_layers": 1, "experts": 0.25, "mlp": 0.5, "hidden": 0.25}),
+           ("qwen2_moe", {"drop_layers": 1, "experts": 0.25, "mlp": 0.5, "heads": 0.5, "hidden": 0.5}),
+           ("qwen3_moe", {"drop_layers": 1, "experts": 0.25, "mlp": 0.5, "hidden": 0.25})]
+
+
+@pytest.mark.skipif(not TF4, reason="LOPPER_TF4_PATH not set (.ci/run sets it)")
+@pytest.mark.parametrize("family,cut", BREADTH)
+def test_breadth_families_load_in_transformers_4(tmp_path, family, cut):
+    """GPT-2, OPT, Phi-3, Gemma 2 / 3 and the mixture-of-experts decoders (whose stacked experts transformers 5 saves
+    one tensor per expert, the layout 4.57 reads) give the same logits in both versions after pruning."""
+    if family in MOE:
+        model = tiny_moe(family, layers=4, per=16, shared=16, mlp=16, init=0.02,
+                         dense=(1,) if family != "mixtral" else ())
+    else:
+        model = make_model(family, layers=4, init=0.02)
+    prune_and_compare_in_transformers_4(model, cut, tmp_path)
