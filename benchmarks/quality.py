@@ -16,7 +16,8 @@ At each level F of the non-embedding parameters removed (--levels, default 0.2 0
          channels, round_to 4, lm_head ignored, no repair; the ratio is bisected to F;
   lopper lopper.prune(params=F, repair="lsq", allocation="global"): per-layer MLP/head widths from one ranking
          across layers, no layer dropped (the --params default for global allocation), least-squares repair;
-         lopper-uniform the same with uniform widths (half the cut by depth), a standard checkpoint.
+         lopper-uniform the same with uniform widths (half the cut by depth), a standard checkpoint;
+         lopper-fisher the same as lopper with Fisher width scores.
 No method is healed (no training). Calibration: --calib only (32 windows x 256 tokens by default). Quality:
 WikiText-2 raw test perplexity, non-overlapping 512-token windows (--max-tokens caps the tokens read: on CPU use
 --max-tokens 30720, the first 60 windows). Results go to JSON and a Markdown table with the exact command and machine;
@@ -67,6 +68,7 @@ METHODS = {
     "torch-pruning": "torch-pruning 1.6.1 MetaPruner, magnitude, hidden + MLP channels (Fang et al. 2023)",
     "lopper-uniform": "lopper --params F --repair lsq (uniform widths, half the cut by depth)",
     "lopper": "lopper --params F --repair lsq --allocation global (per-layer widths, no layer dropped)",
+    "lopper-fisher": "lopper --params F --repair lsq --allocation global --width-metric fisher",
 }
 DEPTH = {"shortgpt": "bi", "gromov": "angular", "sleb": "sleb"}
 
@@ -164,7 +166,8 @@ def main() -> int:
                     trial, extra = torch_pruning(model, tok, level, base)
                     trial_adapter = type(adapter)(trial)
                 else:
-                    args = Selection(model=a.model, params=level, repair="lsq", width_metric="activation",
+                    args = Selection(model=a.model, params=level, repair="lsq",
+                                     width_metric="fisher" if method == "lopper-fisher" else "activation",
                                      allocation="uniform" if method == "lopper-uniform" else "global",
                                      calib=a.calib, calib_samples=a.calib_samples, seq_len=a.seq_len, quiet=True)
                     p = make_plan(args, model, adapter, windows)
