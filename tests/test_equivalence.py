@@ -4,7 +4,6 @@ nothing. Architectures and plans are drawn by hypothesis."""
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
@@ -16,6 +15,7 @@ from lopper.arch import adapter_for
 from lopper.evaluate import planned_params
 from lopper.plan import Plan, identity_plan
 from plans import draw_plan
+from checks import check_rebuilds_from_config, check_shapes, cut_and_compare, n_params
 from tiny import DECODERS, FAMILIES, tiny_model
 
 KINDS = ("layers", "heads", "kv", "mlp", "hidden", "all")
@@ -26,10 +26,6 @@ INIT = 0.2  # large random weights: any wrongly kept or dropped unit moves the o
 ATTN = "eager"  # SDPA with grouped KV heads costs ~7 ms a call on CPU; test_uniform_plans_* keeps the default (sdpa)
 
 FAST = settings(max_examples=15, deadline=None)
-
-
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())  # shared (tied) parameters once
 
 
 def forward(model, ids):
@@ -60,48 +56,13 @@ def check_pruned_equals_masked(arch: dict, plan_of) -> None:
     model = tiny_model(init=INIT, attn=ATTN, **arch)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(arch["seed"]))
-    original = forward(model, ids)
     plan = plan_of(adapter_for(model))
-
-    masked = copy.deepcopy(model)
-    surgery.mask(masked, adapter_for(masked), plan)
-    expected = forward(masked, ids)
-    assert (expected - original).abs().max() > 1e-3, "the plan removes nothing that the outputs can see"
-
-    before = n_params(model)
     predicted = planned_params(model, type(adapter_for(model)), plan)  # what `lopper plan` reports, on meta tensors
-    standard = surgery.apply(model, adapter_for(model), plan)
-    assert n_params(model) < before
+    standard, got = cut_and_compare(model, plan, ids)
     assert predicted["params"] == n_params(model)
-    got = forward(model, ids)
-    assert got.shape == expected.shape
-    diff = (got - expected).abs().max().item()
-    assert diff < TOL, f"pruned differs from masked by {diff} for plan {plan.to_json()}"
-
-    # the cut model has exactly the plan's shapes, and tied embeddings stay tied
-    adapter = adapter_for(model)
-    assert len(adapter.layers()) == len(plan.layers)
-    assert adapter.hidden_size() == len(plan.hidden)
-    for layer, i in zip(adapter.layers(), plan.layers):
-        assert adapter.layer_widths(layer) == {k: len(v) for k, v in plan.per_layer[i].items()}
-    if arch.get("tied"):
-        assert model.lm_head.weight is model.model.embed_tokens.weight
+    check_shapes(model, plan, arch.get("tied", False))  # the plan's shapes; tied embeddings stay tied
     if standard:
         check_rebuilds_from_config(model, ids, got)
-
-
-def check_rebuilds_from_config(model, ids, expected) -> None:
-    """A standard checkpoint: the rewritten config alone builds a model that takes the weights and computes the
-    same thing, with the same norm epsilons everywhere."""
-    fresh = type(model)(copy.deepcopy(model.config)).eval()
-    fresh.load_state_dict(model.state_dict(), strict=True)
-    if getattr(model.config, "tie_word_embeddings", False):
-        fresh.tie_weights()
-    for (name, a), (_, b) in zip(model.named_modules(), fresh.named_modules()):
-        for attr in ("variance_epsilon", "eps"):
-            if hasattr(a, attr):
-                assert math.isclose(getattr(a, attr), getattr(b, attr), rel_tol=1e-9), f"{name}.{attr}"
-    assert (forward(fresh, ids) - expected).abs().max().item() < 1e-5
 
 
 # ---- tests ---------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from lopper.importance import collect, width_scores
 from lopper.plan import Plan, identity_plan
 from lopper.select import Target, choose
 from plans import draw_plan
+from checks import check_rebuilds_from_config, check_shapes, cut_and_compare, n_params, rebuild_from_config
 from tiny import char_tokenizer, make_config, make_model
 
 FAMILIES = ("gpt2", "opt", "phi3", "gemma2", "gemma3_text")
@@ -49,10 +50,6 @@ def forward(model, ids) -> torch.Tensor:
 
 def inputs(seed: int) -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(seed))
-
-
-def n_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ---- strategies ----------------------------------------------------------------------------------------------------
@@ -90,48 +87,14 @@ def model_of(arch: dict):
 
 
 # ---- checks --------------------------------------------------------------------------------------------------------
-def check_shapes(model, plan: Plan, tied: bool) -> None:
-    adapter = adapter_for(model)
-    assert len(adapter.layers()) == len(plan.layers)
-    assert adapter.hidden_size() == len(plan.hidden)
-    for layer, i in zip(adapter.layers(), plan.layers):
-        assert adapter.layer_widths(layer) == {k: len(v) for k, v in plan.per_layer[i].items()}
-    if tied:
-        assert model.lm_head.weight is model.get_input_embeddings().weight
-
-
-def rebuild_from_config(model):
-    """What from_pretrained builds from the rewritten config alone, with these weights."""
-    fresh = type(model)(copy.deepcopy(model.config)).eval()
-    fresh.load_state_dict(model.state_dict(), strict=True)
-    if getattr(model.config, "tie_word_embeddings", False):
-        fresh.tie_weights()
-    for (name, a), (_, b) in zip(model.named_modules(), fresh.named_modules()):
-        for attr in ("variance_epsilon", "eps", "scaling", "num_heads", "split_size", "num_key_value_groups"):
-            if hasattr(a, attr) and isinstance(getattr(a, attr), (int, float)):
-                assert math.isclose(getattr(a, attr), getattr(b, attr), rel_tol=1e-9), f"{name}.{attr}"
-    return fresh
-
-
 def check_pruned_equals_masked(arch: dict, plan_of) -> bool:
     model = model_of(arch)
     ids = inputs(arch["seed"])
-    original = forward(model, ids)
     plan = plan_of(adapter_for(model))
-    masked = copy.deepcopy(model)
-    surgery.mask(masked, adapter_for(masked), plan)
-    expected = forward(masked, ids)
-    assert (expected - original).abs().max() > 1e-3, "the plan removes nothing that the outputs can see"
-
-    before = n_params(model)
-    standard = surgery.apply(model, adapter_for(model), plan)
-    assert n_params(model) < before
-    got = forward(model, ids)
-    diff = (got - expected).abs().max().item()
-    assert diff < TOL, f"pruned differs from masked by {diff} for plan {plan.to_json()}"
+    standard, got = cut_and_compare(model, plan, ids)
     check_shapes(model, plan, arch.get("tied", arch["family"] == "gpt2"))
     if standard:
-        assert (forward(rebuild_from_config(model), ids) - got).abs().max().item() < 1e-5
+        check_rebuilds_from_config(model, ids, got)
     return standard
 
 
