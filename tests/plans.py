@@ -64,3 +64,15 @@ def draw_plan(data, adapter, kind: str, hidden: bool | None = None) -> Plan:
         # amplify float32 rounding (not a surgery error) past the tolerance
         plan.hidden = kept(data, sig["hidden"], "hidden", strict=True, least=max(1, sig["hidden"] // 2))
     return plan
+
+
+def uniform_plan(adapter, edits: dict) -> Plan:
+    """The identity plan with the same kept indices in every layer (`edits`: layers, hidden, heads, kv_heads, mlp)."""
+    plan = identity_plan(adapter)
+    plan.layers = edits.get("layers", plan.layers)
+    plan.hidden = edits.get("hidden", plan.hidden)
+    for entry in plan.per_layer.values():
+        for key in ("heads", "kv_heads", "mlp"):
+            if key in edits and key in entry:
+                entry[key] = edits[key]
+    return plan

@@ -14,7 +14,7 @@ from lopper import surgery
 from lopper.arch import adapter_for
 from lopper.evaluate import planned_params
 from lopper.plan import Plan, identity_plan
-from plans import draw_plan
+from plans import draw_plan, uniform_plan
 from checks import check_rebuilds_from_config, check_shapes, cut_and_compare, n_params
 from tiny import DECODERS, FAMILIES, tiny_model
 
@@ -112,17 +112,6 @@ UNIFORM = {  # kind -> plan edits on the default tiny shape (3 layers, 4 heads i
     "hidden": {"hidden": [i for i in range(32) if i % 8]},  # 28 channels: divisible by 4 heads (LlamaConfig's rule)
 }
 UNIFORM["all"] = {**UNIFORM["layers"], **UNIFORM["kv"], **UNIFORM["mlp"], **UNIFORM["hidden"]}
-
-
-def uniform_plan(adapter, edits: dict) -> Plan:
-    plan = identity_plan(adapter)
-    plan.layers = edits.get("layers", plan.layers)
-    plan.hidden = edits.get("hidden", plan.hidden)
-    for entry in plan.per_layer.values():
-        for key in ("heads", "kv_heads", "mlp"):
-            if key in edits and key in entry:
-                entry[key] = edits[key]
-    return plan
 
 
 @pytest.mark.parametrize("family,tied,kind", COVERAGE)

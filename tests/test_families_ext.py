@@ -29,7 +29,7 @@ from lopper.errors import LopperError
 from lopper.importance import collect, width_scores
 from lopper.plan import Plan, identity_plan
 from lopper.select import Target, choose
-from plans import draw_plan
+from plans import draw_plan, uniform_plan as shared_uniform_plan
 from checks import check_rebuilds_from_config, check_shapes, cut_and_compare, n_params, rebuild_from_config
 from tiny import char_tokenizer, make_config, make_model
 
@@ -172,13 +172,7 @@ NOT_STANDARD = {("gpt2", "heads"), ("gpt2", "hidden"), ("gpt2", "all"), ("opt", 
 
 
 def uniform_plan(adapter, edits: dict) -> Plan:
-    plan = identity_plan(adapter)
-    plan.layers = edits.get("layers", plan.layers)
-    plan.hidden = edits.get("hidden", plan.hidden)
-    for entry in plan.per_layer.values():
-        for key in ("heads", "kv_heads", "mlp"):
-            if key in edits and key in entry:
-                entry[key] = edits[key]
+    plan = shared_uniform_plan(adapter, edits)
     if "kv_heads" not in plan.per_layer[0] and "kv_heads" in edits:
         for entry in plan.per_layer.values():
             entry["heads"] = [1, 2, 3]  # no KV groups ("all" on GPT-2 / OPT): drop one head instead
