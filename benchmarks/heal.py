@@ -4,8 +4,13 @@ order, same settings), with WikiText-2 raw test perplexity (non-overlapping 512-
 after pruning and after each heal. Writes JSON and a Markdown table (docs/heal.md) with the exact commands and
 the machine.
 
-The measurement is meant for a GPU:
-    python benchmarks/heal.py --device cuda
+Each level is pruned with lopper's best retraining-free settings (docs/quality.md): least-squares repair, global
+(per-layer) widths where they win (25%), uniform widths with half the cut by depth where those win (50%).
+
+On a GPU, the whole budget (5M tokens):
+    python benchmarks/heal.py --device cuda --tokens 5000000
+On a 2-core CPU, a smaller budget that still measures healing (about an hour):
+    python benchmarks/heal.py --device cpu --tokens 400000 --batch 8 --no-gradient-checkpointing
 A CPU smoke run proves that the pipeline works and measures nothing (20k training tokens, 10 evaluation windows):
     python benchmarks/heal.py --smoke
 """
@@ -38,6 +43,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--eval-text", default=str(SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"))
     p.add_argument("--eval-max-tokens", type=int, default=0, help="cap on WikiText tokens (0: the whole split)")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
+    p.add_argument("--allocation", nargs="+", default=["global", "uniform"], choices=("global", "uniform"),
+                   help="lopper prune --allocation, one per --fractions entry")
+    p.add_argument("--repair", default="lsq", choices=("none", "lsq"))
     p.add_argument("--tokens", type=int, default=0, help="heal tokens (0: one pass over --train-dir)")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=16)
@@ -45,6 +53,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--lora", type=int, default=0)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--no-gradient-checkpointing", action="store_true", help="faster where memory allows (CPU)")
     p.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "tmp" / "heal"))
     p.add_argument("--json", default=str(ROOT / "docs" / "heal.json"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "heal.md"))
@@ -53,6 +62,8 @@ def parse() -> argparse.Namespace:
     a = p.parse_args()
     if a.smoke:
         a.device, a.tokens, a.eval_max_tokens, a.batch = "cpu", a.tokens or 20_000, a.eval_max_tokens or 5120, 4
+    if len(a.allocation) != len(a.fractions):
+        p.error("give one --allocation per --fractions entry")
     return a
 
 
@@ -100,11 +111,13 @@ def main() -> int:
         return row
 
     measure("ref-llama (unpruned)", a.model)
-    for f in a.fractions:
+    for f, allocation in zip(a.fractions, a.allocation):
         pct = round(f * 100)
         pruned = str(work / f"pruned-{pct}")
         kw = dict(model=a.model, out=pruned, params=f, calib=a.calib, calib_samples=a.calib_samples,
                   device=a.device, force=True, quiet=True)
+        kw.update({"allocation": allocation} if allocation != "uniform" else {})
+        kw.update({"repair": a.repair} if a.repair != "none" else {})
         t = time.time()
         report = lopper.prune(**kw)
         commands.append(command("prune", kw))
@@ -113,7 +126,8 @@ def main() -> int:
         for mode, kd in (("distillation", 1.0), ("fine-tuning", 0.0)):
             kw = dict(model=pruned, teacher=a.model if kd else "", text=train, out=str(work / f"healed-{pct}-{mode}"),
                       tokens=a.tokens, seq_len=a.seq_len, batch=a.batch, grad_accum=a.grad_accum, lr=a.lr,
-                      kd_weight=kd, lora=a.lora, device=a.device, force=True, quiet=True)
+                      kd_weight=kd, lora=a.lora, device=a.device, force=True, quiet=True,
+                      no_gradient_checkpointing=a.no_gradient_checkpointing)
             h = lopper.heal(**kw)["heal"]
             commands.append(command("heal", kw))
             measure(f"pruned {pct}% + {mode}", kw["out"], seconds=h["seconds"], heal_steps=h["steps"],
@@ -139,8 +153,11 @@ def markdown(r: dict, json_path: str) -> str:
                   f"{first.get('heal_tokens', 0):,} training tokens and {rows[0]['eval_tokens']:,} evaluated tokens "
                   "its numbers say nothing about healing. The measurement is `python benchmarks/heal.py --device "
                   "cuda` on a GPU.", ""]
+    prune = ", ".join(f"{round(f * 100)}%: `--params {f:g}{' --allocation global' if al == 'global' else ''}"
+                      f"{' --repair ' + a.repair if a.repair != 'none' else ''}`"
+                      for f, al in zip(a.fractions, getattr(a, "allocation", ["uniform"] * len(a.fractions))))
     lines += [
-        f"ref-llama (`../shared/models/ref-llama`) pruned with `lopper prune --params F` (calibration: "
+        f"ref-llama (`../shared/models/ref-llama`) pruned with `lopper prune` ({prune}; calibration: "
         f"{a.calib_samples} windows of 256 tokens of `{Path(a.calib).name}`), then healed for "
         f"{first.get('heal_tokens', 0):,} tokens ({first.get('heal_steps', 0)} steps, windows of {a.seq_len} tokens, "
         f"global batch {a.batch * a.grad_accum}, AdamW, peak lr {a.lr:g}, 5% warmup then cosine, "
