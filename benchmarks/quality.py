@@ -15,7 +15,8 @@ At each level F of the non-embedding parameters removed (--levels, default 0.2 0
          MetaPruner, GroupMagnitudeImportance(p=2, mean), the same ratio for hidden channels, heads and MLP
          channels, round_to 4, lm_head ignored, no repair; the ratio is bisected to F;
   lopper lopper.prune(params=F, repair="lsq", allocation="global"): per-layer MLP/head widths from one ranking
-         across layers, no layer dropped (the --params default for global allocation), least-squares repair;
+         across layers, layers dropped only past 35% (lopper.select.global_depth_share, the --params default for
+         global allocation), least-squares repair;
          lopper-uniform the same with uniform widths (half the cut by depth), a standard checkpoint;
          lopper-fisher the same as lopper with Fisher width scores.
 No method is healed (no training). Calibration: --calib only (32 windows x 256 tokens by default). Quality:
@@ -25,6 +26,8 @@ the JSON is rewritten after every measurement, so a run cut short keeps what it 
 
     python benchmarks/quality.py --device cuda                              # the whole split
     python benchmarks/quality.py --max-tokens 30720 --levels 0.2            # CPU, 20% only
+    python benchmarks/quality.py --max-tokens 30720 --methods lopper lopper-fisher --keep docs/quality.json
+                                   # re-measure lopper only; the other methods' runs are carried over unchanged
 """
 from __future__ import annotations
 
@@ -67,7 +70,7 @@ METHODS = {
     "flap": "FLAP: fluctuation, global adaptive allocation, bias compensation (An et al. 2024)",
     "torch-pruning": "torch-pruning 1.6.1 MetaPruner, magnitude, hidden + MLP channels (Fang et al. 2023)",
     "lopper-uniform": "lopper --params F --repair lsq (uniform widths, half the cut by depth)",
-    "lopper": "lopper --params F --repair lsq --allocation global (per-layer widths, no layer dropped)",
+    "lopper": "lopper --params F --repair lsq --allocation global (per-layer widths, depth past 35%)",
     "lopper-fisher": "lopper --params F --repair lsq --allocation global --width-metric fisher",
 }
 DEPTH = {"shortgpt": "bi", "gromov": "angular", "sleb": "sleb"}
@@ -89,7 +92,23 @@ def parse() -> argparse.Namespace:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--json", default=str(ROOT / "docs" / "quality.json"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "quality.md"))
+    p.add_argument("--keep", default="", help="a results JSON of the same settings: its runs of methods not in "
+                   "--methods are carried over (their code did not change), so only --methods are measured again")
     return p.parse_args()
+
+
+SAME = ("model", "calib", "calib_samples", "seq_len", "eval_text", "eval_seq_len", "max_tokens", "dtype")
+
+
+def kept_runs(path: str, a: argparse.Namespace) -> tuple[list[dict], dict]:
+    """The runs of `path` for methods not measured again, and the settings and command they came from."""
+    old = json.loads(Path(path).read_text())
+    differ = [k for k in SAME if old["settings"].get(k) != (rel(v) if isinstance(v := getattr(a, k), str) else v)]
+    if differ:
+        sys.exit(f"--keep {path} was measured with other settings ({', '.join(differ)}): measure every method")
+    runs = [r for r in old["runs"] if r["method"] not in a.methods and r["level"] in a.levels]
+    return runs, {"json": rel(path), "command": old["command"], "machine": old["machine"],
+                  "baseline_perplexity": old["baseline_perplexity"]}
 
 
 def machine(device: str) -> str:
@@ -131,6 +150,8 @@ def main() -> int:
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
         Path(a.doc).write_text(markdown(result, a.json))
 
+    if a.keep:
+        result["runs"], result["kept_from"] = kept_runs(a.keep, a)
     save()
     t = time.time()
     stats = collect(model, adapter, windows, quiet=True)
@@ -387,6 +408,9 @@ def markdown(r: dict, json_path: str) -> str:
               "Scoring time shared by the runs: "
               + ", ".join(f"{k}: {v} s" for k, v in r["scoring_seconds"].items()) + ".", "",
               f"Command: `{r['command']}`", "",
+              *([f"Runs of the methods not named in `--methods` were carried over from `{r['kept_from']['json']}` "
+                 f"(`{r['kept_from']['command']}`, unpruned {r['kept_from']['baseline_perplexity']:.2f}; "
+                 f"{r['kept_from']['machine']}).", ""] if r.get("kept_from") else []),
               f"Machine: {r['machine']}; shared with other jobs (contended), so seconds are indicative only. "
               f"Total {r.get('seconds', 0):.0f} s."]
     return "\n".join(lines) + "\n"

@@ -175,6 +175,17 @@ def test_params_with_global_allocation_meets_the_target_exactly_as_counted(tmp_p
     assert report["plan"]["target"]["allocation"] == "global"
 
 
+@pytest.mark.parametrize("frac,layers", [(0.3, 0), (0.5, 3)])
+def test_params_with_global_allocation_drops_layers_only_past_the_measured_threshold(model_dir, tmp_path, frac,
+                                                                                      layers):
+    src = model_dir("llama", layers=16, mlp=64)
+    report = lopper.plan(model=str(src), out=str(tmp_path / "plan.json"), params=frac, allocation="global",
+                         round_to=4, **FAST)
+    assert 16 - len(report.layers) == layers  # none up to 35%, then 1.25 x the excess (select.global_depth_share)
+    assert report.meta["params"]["choice"]["drop_layers"] == layers
+    assert abs(report.meta["params"]["removed"] - frac) <= 0.02
+
+
 @pytest.mark.parametrize("bad,message", [({"allocation": "layerwise"}, "--allocation"),
                                          ({"min_keep": 0.0}, "--min-keep"), ({"min_keep": 1.5}, "--min-keep")])
 def test_bad_allocation_options_are_refused(bad, message, tmp_path):

@@ -95,6 +95,7 @@ CASES = {
     "too-short calibration file": ("src", {"mlp": 0.5, "calib": "short"}, ["--calib", "short.txt", "needs 128"]),
     "too many layers to drop": ("src", {"drop_layers": 3}, ["--drop-layers 3", "2 unprotected"]),
     "params with explicit widths": ("src", {"params": 0.3, "mlp": 0.5}, ["--params"]),
+    "repair without damping": ("src", {"mlp": 0.5, "repair": "lsq", "repair_damp": 0.0}, ["--repair-damp 0.0"]),
     "missing weights": ("missing", {"mlp": 0.5}, ["model-missing", "incomplete"]),
     "corrupt weights": ("corrupt", {"mlp": 0.5}, ["model-corrupt", "corrupt"]),
 }

@@ -60,6 +60,7 @@ class Selection:
     params_search: str = _opt("half", "how --params splits depth and width: half = half the cut by depth (none with --allocation global); loss = "
                               "try 0-100%% depth and keep the lowest calibration loss (slower)", choices=("half", "loss"))
     repair: str = _opt("none", "after cutting: lsq = least-squares refit of output projections", choices=("none", "lsq"))
+    repair_damp: float = _opt(0.001, "ridge term of --repair lsq, a fraction of the mean diagonal of each Gram matrix")
     sparsity: float = _opt(0.0, "then zero this fraction of the remaining Linear weights in the layers (0: off; an "
                            "N:M pattern implies 1 - N/M)")
     sparsity_pattern: str = _opt("unstructured", "unstructured, or N:M (N nonzeros in every M inputs: 2:4, 4:8)")
@@ -109,6 +110,9 @@ class Selection:
         if self.plan and (self.params or self.target_speedup or self.drop_layers or self.heads or self.mlp
                           or self.hidden):
             raise LopperError("--plan replays a plan as it is: drop the other selection options")
+        if self.repair_damp <= 0:
+            raise LopperError(f"--repair-damp {self.repair_damp} must be positive (it keeps the least squares "
+                              "solvable): e.g. 0.001")
         if self.width_metric not in ("magnitude", "activation", "fisher", "fluctuation"):
             raise LopperError(f"--width-metric {self.width_metric!r} is unknown: use magnitude, activation, fisher "
                               "or fluctuation")
@@ -217,7 +221,7 @@ def _candidate_loss(args: Selection, model, adapter, windows: list[torch.Tensor]
         trial_adapter = type(adapter)(trial)
         with silenced():
             if args.repair == "lsq":
-                repair(trial, trial_adapter, p, fit, quiet=True)
+                repair(trial, trial_adapter, p, fit, damp=args.repair_damp, quiet=True)
             apply(trial, trial_adapter, p)
         return calibration_loss(trial, held, reference)
 
@@ -262,7 +266,7 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     p = make_plan(args, model, adapter, windows)
     p.meta["source"] = args.model
     if args.repair == "lsq":
-        repair(model, adapter, p, windows, quiet=args.quiet)
+        repair(model, adapter, p, windows, damp=args.repair_damp, quiet=args.quiet)
     standard = apply(model, adapter, p)
     sparse = sp.for_prune(args, p, model, adapter, windows)
     after = {**count_params(model, adapter), "structures": structures(adapter)}

@@ -5,6 +5,10 @@ replacement in the least-squares sense on calibration inputs X [T, in] is
 
     W' = argmin ||X W^T - X_kept W'^T||^2 = W H[:, kept] (H[kept, kept] + lambda I)^-1,   H = X^T X,
 
+lambda = damp x mean(diag H[kept, kept]). damp 0.001 (--repair-damp) measured better than 0.01 and 0.1 on ref-llama
+(32 x 256 calibration tokens, 60 WikiText windows): at 25% removed 112.8 -> 111.9, at 50% 142.0 -> 140.2 (0.1: 155.8);
+0.0001 gave the same as 0.001, so the term only keeps the solve well posed.
+
 with a bias column folded in where the module has a bias (which then absorbs the mean of what was removed, FLAP's
 bias compensation as a special case). Kwon et al. 2022 solve the same least squares for mask scales only.
 Layers are repaired in order, each fed the already-pruned-and-repaired model's activations (SparseGPT's
@@ -61,7 +65,7 @@ def capture_layer_inputs(model: nn.Module, adapter: Adapter, batches: list[torch
 
 
 @torch.no_grad()
-def repair(model: nn.Module, adapter: Adapter, plan: Plan, batches: list[torch.Tensor], damp: float = 0.01,
+def repair(model: nn.Module, adapter: Adapter, plan: Plan, batches: list[torch.Tensor], damp: float = 0.001,
            quiet: bool = False) -> None:
     """Mask the plan's cuts into `model` and refit the writers of every kept layer (in place, full width).
 
@@ -140,7 +144,7 @@ def _refit(w: nn.Linear, gram: torch.Tensor, gone: torch.Tensor | None, damp: fl
     rhs = gram[keep] @ full.T  # [kept, out] = X_k^T X W^T
     if cross is not None:
         rhs = rhs + cross[keep]
-    solved = torch.linalg.solve(g, rhs).T  # [out, kept]
+    solved = torch.linalg.solve(g.double(), rhs.double()).T.float()  # [out, kept]; float64: small damping
     new = torch.zeros_like(full)
     new[:, keep] = solved
     weight.copy_(new[:, :n_in].to(weight.dtype))
