@@ -39,6 +39,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--encoder-loss", default="cosine", choices=("cosine", "mse"))
+    p.add_argument("--only", default="", help="heal only the cuts whose name contains this (e.g. 'lopper best')")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory, slower)")
     p.add_argument("--json", default=str(ROOT / "docs" / "minilm_heal.json"))
@@ -72,6 +73,8 @@ def main() -> None:
     rows = [{"model": "unpruned", **base, "flops_removed": 0.0}]
     commands = []
     for name, kw in cuts(a).items():
+        if a.only not in name:
+            continue
         pruned, healed = str(work / f"pruned-{len(rows)}"), str(work / f"healed-{len(rows)}")
         options = {"calib_samples": 128, **kw}
         lopper.prune(model=source, out=pruned, calib=str(calib), seq_len=64, quiet=True, force=True, **options)
