@@ -155,7 +155,7 @@ def markdown(r: dict, json_path: str) -> str:
                   "cuda` on a GPU.", ""]
     prune = ", ".join(f"{round(f * 100)}%: `--params {f:g}{' --allocation global' if al == 'global' else ''}"
                       f"{' --repair ' + a.repair if a.repair != 'none' else ''}`"
-                      for f, al in zip(a.fractions, getattr(a, "allocation", ["uniform"] * len(a.fractions))))
+                      for f, al in zip(a.fractions, a.allocation))
     lines += [
         f"ref-llama (`../shared/models/ref-llama`) pruned with `lopper prune` ({prune}; calibration: "
         f"{a.calib_samples} windows of 256 tokens of `{Path(a.calib).name}`), then healed for "

@@ -248,7 +248,8 @@ def merge(a: argparse.Namespace) -> None:
 
 def setup(train_n: int, prefix: str):
     """The unpruned model folder and tokenizer, the probe data (a seeded subsample of train_n SST-2 train sentences,
-    and dev), a work folder and the calibration text in it (every SST-2 train sentence, labels dropped)."""
+    and dev), a work folder, the calibration text in it and its sentences (every SST-2 train sentence, labels
+    dropped)."""
     source = str(model_dir())
     tok = transformers.AutoTokenizer.from_pretrained(source)
     train_x, train_y = read_sst2("train")
@@ -259,7 +260,7 @@ def setup(train_n: int, prefix: str):
     work = Path(tempfile.mkdtemp(prefix=prefix))
     calib = work / "sst2_train.txt"
     calib.write_text("\n".join(train_x) + "\n", encoding="utf-8")
-    return source, tok, data, work, calib
+    return source, tok, data, work, calib, train_x
 
 
 def main() -> None:
@@ -268,8 +269,8 @@ def main() -> None:
         return merge(a)
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    source, tok, data, work, calib = setup(a.train_n, "lopper-minilm-")
-    train_x, dev_x = read_sst2("train")[0], data["dev_x"]
+    source, tok, data, work, calib, train_x = setup(a.train_n, "lopper-minilm-")
+    dev_x = data["dev_x"]
     calib_cls = work / "sst2_train_cls_sep.txt"  # the tokenizer reads the literal markers as the special tokens
     calib_cls.write_text("".join(f"[CLS] {x} [SEP]\n" for x in train_x), encoding="utf-8")
     if a.ref and Path(a.ref).is_file():

@@ -24,7 +24,7 @@ import torch
 import lopper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm import ROOT, cut, machine, measure, read_sst2, setup  # noqa: E402
+from minilm import ROOT, cut, machine, measure, setup  # noqa: E402
 
 ENGLISH = ROOT.parent / "shared" / "data" / "english"
 
@@ -56,32 +56,35 @@ def cuts(a: argparse.Namespace) -> dict[str, dict]:
     }
 
 
-def heal_text(work: Path) -> list[str]:
-    """SST-2 train sentences (no labels) as one file, beside the English sentence-per-line corpora."""
-    sst = work / "sst2_train_sentences.txt"
-    sst.write_text("\n".join(read_sst2("train")[0]) + "\n", encoding="utf-8")
-    return [str(sst), str(ENGLISH / "brown.txt"), str(ENGLISH / "movie_reviews.txt")]
+def heal_text(sst2_sentences: Path) -> list[str]:
+    """The SST-2 train sentences (no labels; the calibration file) beside the English sentence-per-line corpora."""
+    return [str(sst2_sentences), str(ENGLISH / "brown.txt"), str(ENGLISH / "movie_reviews.txt")]
 
 
 def main() -> None:
     a = parse()
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    source, tok, data, work, calib = setup(a.train_n, "lopper-minilm-heal-")
-    text = heal_text(work)
+    source, tok, data, work, calib, _ = setup(a.train_n, "lopper-minilm-heal-")
+    text = heal_text(calib)
     base, ref = measure(source, tok, data, None, a.flops_seq_len)
     rows = [{"model": "unpruned", **base, "flops_removed": 0.0}]
     commands = []
+
+    def record(label: str, folder: str, **extra) -> None:
+        m, _ = measure(folder, tok, data, ref, a.flops_seq_len)
+        rows.append({"model": label, **m, "flops_removed": 1 - m["flops_per_token"] / base["flops_per_token"],
+                     **extra})
+        took = f" ({extra['heal_seconds']:.0f} s)" if "heal_seconds" in extra else ""
+        print(f"{label}: cos {m['cosine_mean']:.4f} probe {m['probe_accuracy']:.4f}{took}", flush=True)
+
     for name, kw in cuts(a).items():
         if a.only not in name:
             continue
         pruned, healed = str(work / f"pruned-{len(rows)}"), str(work / f"healed-{len(rows)}")
         options = {"calib_samples": 128, **kw}
         lopper.prune(model=source, out=pruned, calib=str(calib), seq_len=64, quiet=True, force=True, **options)
-        m, _ = measure(pruned, tok, data, ref, a.flops_seq_len)
-        rows.append({"model": name, **m, "flops_removed": 1 - m["flops_per_token"] / base["flops_per_token"],
-                     "cut": kw})
-        print(f"{name}: cos {m['cosine_mean']:.4f} probe {m['probe_accuracy']:.4f}", flush=True)
+        record(name, pruned, cut=kw)
         hk = dict(model=pruned, teacher=source, text=text, out=healed, tokens=a.tokens, seq_len=a.seq_len,
                   batch=a.batch, lr=a.lr, encoder_loss=a.encoder_loss, encoder_data="lines", device="cpu",
                   save_every=0, no_gradient_checkpointing=not a.gradient_checkpointing, force=True, quiet=True)
@@ -89,12 +92,8 @@ def main() -> None:
         commands.append("lopper heal PRUNED --teacher MINILM --text " + " ".join(Path(t).name for t in text) + " "
                         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in hk.items()
                                    if k in ("tokens", "seq_len", "batch", "lr", "encoder_loss", "encoder_data")))
-        m, _ = measure(healed, tok, data, ref, a.flops_seq_len)
-        rows.append({"model": f"{name} + heal", **m, "flops_removed": 1 - m["flops_per_token"] / base["flops_per_token"],
-                     "cut": kw, "heal_tokens": h["tokens_trained"], "heal_steps": h["steps"],
-                     "heal_seconds": h["seconds"], "heal_loss_first": h["loss_first"], "heal_loss_last": h["loss_last"]})
-        print(f"{name} + heal: cos {m['cosine_mean']:.4f} probe {m['probe_accuracy']:.4f} ({h['seconds']:.0f} s)",
-              flush=True)
+        record(f"{name} + heal", healed, cut=kw, heal_tokens=h["tokens_trained"], heal_steps=h["steps"],
+               heal_seconds=h["seconds"], heal_loss_first=h["loss_first"], heal_loss_last=h["loss_last"])
     report = {"command": "python " + shlex.join(sys.argv), "machine": machine(), "args": vars(a),
               "heal_text": [Path(t).name for t in text], "heal_commands": commands, "dev_n": len(data["dev_x"]),
               "rows": rows, "seconds": round(time.time() - t0, 1)}

@@ -103,7 +103,8 @@ SAME = ("model", "calib", "calib_samples", "seq_len", "eval_text", "eval_seq_len
 def kept_runs(path: str, a: argparse.Namespace) -> tuple[list[dict], dict]:
     """The runs of `path` for methods not measured again, and the settings and command they came from."""
     old = json.loads(Path(path).read_text())
-    differ = [k for k in SAME if old["settings"].get(k) != (rel(v) if isinstance(v := getattr(a, k), str) else v)]
+    new = settings(a)
+    differ = [k for k in SAME if old["settings"].get(k) != new[k]]
     if differ:
         sys.exit(f"--keep {path} was measured with other settings ({', '.join(differ)}): measure every method")
     runs = [r for r in old["runs"] if r["method"] not in a.methods and r["level"] in a.levels]
@@ -118,6 +119,11 @@ def machine(device: str) -> str:
     return (f"{gpu}{cpu} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}); Python "
             f"{platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
             f"lopper {lopper.__version__}")
+
+
+def settings(a: argparse.Namespace) -> dict:
+    """The arguments as the JSON records them (paths beside the repository written relative to it)."""
+    return {k: rel(v) if isinstance(v, str) else v for k, v in vars(a).items()}
 
 
 def rel(path: str) -> str:
@@ -138,8 +144,7 @@ def main() -> int:
         return perplexity(m, tok, a.eval_text, a.eval_seq_len, a.max_tokens, quiet=True)["perplexity"]
 
     result = {"command": "python " + " ".join(shlex.quote(rel(w)) for w in [rel(__file__), *sys.argv[1:]]),
-              "machine": machine(a.device), "settings": {k: rel(v) if isinstance(v, str) else v
-                                                         for k, v in vars(a).items()},
+              "machine": machine(a.device), "settings": settings(a),
               "params_non_embedding": base, "layers": n_layers, "scoring_seconds": {}, "runs": []}
     t = time.time()
     result["baseline_perplexity"] = ppl(model)
