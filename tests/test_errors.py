@@ -96,6 +96,8 @@ CASES = {
     "too many layers to drop": ("src", {"drop_layers": 3}, ["--drop-layers 3", "2 unprotected"]),
     "params with explicit widths": ("src", {"params": 0.3, "mlp": 0.5}, ["--params"]),
     "repair without damping": ("src", {"mlp": 0.5, "repair": "lsq", "repair_damp": 0.0}, ["--repair-damp 0.0"]),
+    "repair correcting past the gap": ("src", {"mlp": 0.5, "repair": "lsq", "repair_correct": 1.5},
+                                       ["--repair-correct 1.5", "0 <= A <= 1"]),
     "missing weights": ("missing", {"mlp": 0.5}, ["model-missing", "incomplete"]),
     "corrupt weights": ("corrupt", {"mlp": 0.5}, ["model-corrupt", "corrupt"]),
 }

@@ -61,6 +61,8 @@ class Selection:
                               "try 0-100%% depth and keep the lowest calibration loss (slower)", choices=("half", "loss"))
     repair: str = _opt("none", "after cutting: lsq = least-squares refit of output projections", choices=("none", "lsq"))
     repair_damp: float = _opt(0.001, "ridge term of --repair lsq, a fraction of the mean diagonal of each Gram matrix")
+    repair_correct: float = _opt(0.3, "with --repair lsq in pre-norm decoders: the share of the gap to the unpruned "
+                                 "model's residual stream each refit layer also closes (0: its own output only)")
     sparsity: float = _opt(0.0, "then zero this fraction of the remaining Linear weights in the layers (0: off; an "
                            "N:M pattern implies 1 - N/M)")
     sparsity_pattern: str = _opt("unstructured", "unstructured, or N:M (N nonzeros in every M inputs: 2:4, 4:8)")
@@ -113,6 +115,9 @@ class Selection:
         if self.repair_damp <= 0:
             raise LopperError(f"--repair-damp {self.repair_damp} must be positive (it keeps the least squares "
                               "solvable): e.g. 0.001")
+        if not 0.0 <= self.repair_correct <= 1.0:
+            raise LopperError(f"--repair-correct {self.repair_correct} is out of range: give a share 0 <= A <= 1, "
+                              "e.g. 0.3 (0: each layer reconstructs its own output only)")
         if self.width_metric not in ("magnitude", "activation", "fisher", "fluctuation"):
             raise LopperError(f"--width-metric {self.width_metric!r} is unknown: use magnitude, activation, fisher "
                               "or fluctuation")
@@ -221,7 +226,7 @@ def _candidate_loss(args: Selection, model, adapter, windows: list[torch.Tensor]
         trial_adapter = type(adapter)(trial)
         with silenced():
             if args.repair == "lsq":
-                repair(trial, trial_adapter, p, fit, damp=args.repair_damp, quiet=True)
+                repair(trial, trial_adapter, p, fit, damp=args.repair_damp, correct=args.repair_correct, quiet=True)
             apply(trial, trial_adapter, p)
         return calibration_loss(trial, held, reference)
 
@@ -266,7 +271,8 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     p = make_plan(args, model, adapter, windows)
     p.meta["source"] = args.model
     if args.repair == "lsq":
-        repair(model, adapter, p, windows, damp=args.repair_damp, quiet=args.quiet)
+        repair(model, adapter, p, windows, damp=args.repair_damp, correct=args.repair_correct,
+               quiet=args.quiet)
     standard = apply(model, adapter, p)
     sparse = sp.for_prune(args, p, model, adapter, windows)
     after = {**count_params(model, adapter), "structures": structures(adapter)}

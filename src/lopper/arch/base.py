@@ -208,6 +208,11 @@ class Adapter:
         """Linears that write into the residual stream: hidden channels are their output rows."""
         return [self.attention(layer).o_proj, self.mlp_out(layer)]
 
+    def writes_residual(self) -> bool:
+        """Whether the attention's writer and mlp_out add their outputs unchanged into the residual stream, the
+        attention's first (pre-norm decoders): repair can then aim them at the unpruned model's stream."""
+        return not self.is_encoder
+
     def hidden_parts(self) -> list[Part]:
         parts = [Part(e, 1) for e in self.embeddings()]
         for layer in self.layers():

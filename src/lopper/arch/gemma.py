@@ -31,6 +31,9 @@ class GemmaAdapter(Adapter):
         return [layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
                 layer.post_feedforward_layernorm]
 
+    def writes_residual(self) -> bool:
+        return False  # post_attention_layernorm / post_feedforward_layernorm stand between writers and stream
+
     def scale_norm(self, norm: nn.Module, s: float) -> None:
         norm.weight.add_(1.0).mul_(s).sub_(1.0)
 

@@ -27,6 +27,9 @@ class OPTAdapter(Adapter):
     def decoder(self) -> nn.Module:
         return self.backbone().decoder
 
+    def writes_residual(self) -> bool:
+        return self.config.do_layer_norm_before  # post-norm OPT (350m) normalises the sum instead
+
     def layers(self) -> nn.ModuleList:
         return self.decoder().layers
 
