@@ -16,7 +16,8 @@ At each level F of the non-embedding parameters removed (--levels, default 0.2 0
          channels, round_to 4, lm_head ignored, no repair; the ratio is bisected to F;
   lopper lopper.prune(params=F, repair="lsq", allocation="global"): per-layer MLP/head widths from one ranking
          across layers, layers dropped only past 35% (lopper.select.global_depth_share, the --params default for
-         global allocation), least-squares repair;
+         global allocation), least-squares repair as lopper prune does it by default (each layer aimed 0.3 of
+         the way at the unpruned stream, MLP channels re-chosen by greedy OBS);
          lopper-uniform the same with uniform widths (half the cut by depth), a standard checkpoint;
          lopper-fisher the same as lopper with Fisher width scores.
 No method is healed (no training). Calibration: --calib only (32 windows x 256 tokens by default). Quality:
@@ -198,7 +199,7 @@ def main() -> int:
                                      calib=a.calib, calib_samples=a.calib_samples, seq_len=a.seq_len, quiet=True)
                     p = make_plan(args, model, adapter, windows)
                     with silenced():
-                        repair(trial, trial_adapter, p, windows, quiet=True)
+                        repair(trial, trial_adapter, p, windows, reselect=True, quiet=True)  # lopper prune's defaults
                 if p is not None:
                     with silenced():
                         apply(trial, trial_adapter, p)

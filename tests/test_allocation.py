@@ -163,6 +163,22 @@ def test_global_prune_saves_reloads_and_replays(family, tmp_path):
     assert torch.equal(logits(lopper.load(str(again)), ids), logits(reloaded, ids))
 
 
+def test_repair_chosen_channels_are_saved_and_replay(tmp_path):
+    """With --repair lsq the repair re-chooses MLP channels (greedy OBS): the saved plan names them, so replaying it
+    with the same repair gives the same weights, and the counts are the planned ones."""
+    src = skewed_folder(tmp_path, "llama")
+    dry = lopper.plan(model=str(src), out=str(tmp_path / "plan.json"), mlp=0.5, allocation="global", round_to=4,
+                      **FAST)
+    out, again = tmp_path / "out", tmp_path / "again"
+    lopper.prune(model=str(src), out=str(out), mlp=0.5, allocation="global", round_to=4, repair="lsq", **FAST)
+    saved = Plan.load(out / "lopper_plan.json")
+    assert saved.widths() == dry.widths()
+    assert "OBS" in saved.meta["units"]
+    lopper.prune(model=str(src), out=str(again), plan=str(out / "lopper_plan.json"), repair="lsq", **FAST)
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(logits(lopper.load(str(again)), ids), logits(lopper.load(str(out)), ids), atol=1e-5)
+
+
 def test_params_with_global_allocation_meets_the_target_exactly_as_counted(tmp_path):
     src = skewed_folder(tmp_path, "llama")
     out = tmp_path / "out"

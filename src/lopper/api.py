@@ -61,6 +61,10 @@ class Selection:
                               "try 0-100%% depth and keep the lowest calibration loss (slower)", choices=("half", "loss"))
     repair: str = _opt("none", "after cutting: lsq = least-squares refit of output projections", choices=("none", "lsq"))
     repair_damp: float = _opt(0.001, "ridge term of --repair lsq, a fraction of the mean diagonal of each Gram matrix")
+    repair_units: str = _opt("obs", "with --repair lsq: obs = the repair re-chooses which MLP channels each layer "
+                             "keeps (the plan's counts) by greedy OBS on its calibration inputs, and the saved plan "
+                             "says which; plan = keep the plan's channels (always so with --plan)",
+                             choices=("obs", "plan"))
     repair_correct: float = _opt(0.3, "with --repair lsq in pre-norm decoders: the share of the gap to the unpruned "
                                  "model's residual stream each refit layer also closes (0: its own output only)")
     sparsity: float = _opt(0.0, "then zero this fraction of the remaining Linear weights in the layers (0: off; an "
@@ -118,6 +122,8 @@ class Selection:
         if not 0.0 <= self.repair_correct <= 1.0:
             raise LopperError(f"--repair-correct {self.repair_correct} is out of range: give a share 0 <= A <= 1, "
                               "e.g. 0.3 (0: each layer reconstructs its own output only)")
+        if self.repair_units not in ("obs", "plan"):
+            raise LopperError(f"--repair-units {self.repair_units!r} is unknown: use obs or plan")
         if self.width_metric not in ("magnitude", "activation", "fisher", "fluctuation"):
             raise LopperError(f"--width-metric {self.width_metric!r} is unknown: use magnitude, activation, fisher "
                               "or fluctuation")
@@ -222,15 +228,20 @@ def _candidate_loss(args: Selection, model, adapter, windows: list[torch.Tensor]
                          for w in held]
 
     def loss(p: Plan) -> float:
-        trial = copy.deepcopy(model)
+        trial, p = copy.deepcopy(model), copy.deepcopy(p)  # the repair may re-choose the candidate's channels
         trial_adapter = type(adapter)(trial)
         with silenced():
             if args.repair == "lsq":
-                repair(trial, trial_adapter, p, fit, damp=args.repair_damp, correct=args.repair_correct, quiet=True)
+                repair(trial, trial_adapter, p, fit, damp=args.repair_damp, correct=args.repair_correct,
+                       reselect=_reselect(args), quiet=True)
             apply(trial, trial_adapter, p)
         return calibration_loss(trial, held, reference)
 
     return loss
+
+
+def _reselect(args: Selection) -> bool:
+    return args.repair_units == "obs" and not args.plan
 
 
 def plan(args: PlanArgs | None = None, /, **kwargs) -> Plan:
@@ -272,7 +283,9 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     p.meta["source"] = args.model
     if args.repair == "lsq":
         repair(model, adapter, p, windows, damp=args.repair_damp, correct=args.repair_correct,
-               quiet=args.quiet)
+               reselect=_reselect(args), quiet=args.quiet)
+        if _reselect(args):
+            p.meta["units"] = "MLP channels chosen by the repair (greedy OBS on calibration inputs)"
     standard = apply(model, adapter, p)
     sparse = sp.for_prune(args, p, model, adapter, windows)
     after = {**count_params(model, adapter), "structures": structures(adapter)}

@@ -76,9 +76,11 @@ def capture_layer_inputs(model: nn.Module, adapter: Adapter, batches: list[torch
 
 @torch.no_grad()
 def repair(model: nn.Module, adapter: Adapter, plan: Plan, batches: list[torch.Tensor], damp: float = 0.001,
-           correct: float = 0.3, quiet: bool = False) -> None:
+           correct: float = 0.3, reselect: bool = False, quiet: bool = False) -> None:
     """Mask the plan's cuts into `model` and refit the writers of every kept layer (in place, full width); with
-    `correct` > 0 (alpha above) in pre-norm decoders, every kept layer's writers are refit, cut or not."""
+    `correct` > 0 (alpha above) in pre-norm decoders, every kept layer's writers are refit, cut or not. With
+    `reselect`, which MLP channels each layer keeps is chosen here by greedy OBS (`obs_keep`), the counts staying
+    the plan's; `plan` is updated to the channels kept."""
     cuts = removed_cuts(adapter, plan)
     layers = list(adapter.layers())
     if not cuts and len(plan.layers) == len(layers):
@@ -94,16 +96,19 @@ def repair(model: nn.Module, adapter: Adapter, plan: Plan, batches: list[torch.T
     for pos, i in enumerate(tqdm(plan.layers, desc="repair", disable=quiet, leave=False)):
         layer = layers[i]
         step = [c[i] for c in calls]
+        choose = (lambda grams, cross, i=i: _reselect_mlp(adapter, plan, i, cuts, grams, cross, damp)) \
+            if reselect else None
         if teacher:
             nxt = plan.layers[pos + 1] if pos + 1 < len(plan.layers) else len(layers)
-            ts = _toward_teacher(adapter, layers, i, nxt, cuts, xs, ts, calls, damp, correct)
+            ts = _toward_teacher(adapter, layers, i, nxt, cuts, xs, ts, calls, damp, correct, choose)
         else:
-            _fit(layer, [w for w in adapter.writers(layer) if (w, in_dim(w)) in cuts], cuts, xs, step, damp)
+            _fit(layer, [w for w in adapter.writers(layer) if (w, in_dim(w)) in cuts], cuts, xs, step, damp,
+                 choose=choose)
         zero(_within(cuts, layer))
         xs = [_call(layer, x, step[b]) for b, x in enumerate(xs)]
 
 
-def _toward_teacher(adapter, layers, i, nxt, cuts, xs, ts, calls, damp, alpha):
+def _toward_teacher(adapter, layers, i, nxt, cuts, xs, ts, calls, damp, alpha, choose=None):
     """Refit layer i's attention writers toward the unpruned stream after the attention, then (with the attention
     cut and refit) its MLP writer toward the unpruned stream entering the next kept layer `nxt`. Returns that
     unpruned stream."""
@@ -123,7 +128,7 @@ def _toward_teacher(adapter, layers, i, nxt, cuts, xs, ts, calls, damp, alpha):
     zero(_within(cuts, attn))
     mlp = adapter.mlp_out(layer)
     gap = {mlp: lambda b, x, y, seen: outs[b] - y} if mlp is not None else {}
-    _fit(layer, rest, cuts, xs, step, damp, gap, alpha)
+    _fit(layer, rest, cuts, xs, step, damp, gap, alpha, choose)
     return outs
 
 
@@ -153,9 +158,10 @@ def _run(layer, x, call, modules):
             h.remove()
 
 
-def _fit(layer, writers, cuts, xs, step, damp, gaps=None, alpha=0.0):
+def _fit(layer, writers, cuts, xs, step, damp, gaps=None, alpha=0.0, choose=None):
     """Refit `writers` of `layer` on the inputs it sees from the cut stream xs: Gram matrices [X 1]^T [X 1] (the 1
-    column only with a bias) and, for the writers in `gaps` (b, x, y, seen) -> E [.., out], X^T E."""
+    column only with a bias) and, for the writers in `gaps` (b, x, y, seen) -> E [.., out], X^T E; `choose`
+    (grams, cross) may change `cuts` first."""
     if not writers:
         return
     grams: dict[nn.Module, torch.Tensor] = {}
@@ -170,8 +176,56 @@ def _fit(layer, writers, cuts, xs, step, damp, gaps=None, alpha=0.0):
             if gaps and w in gaps:
                 e = gaps[w](b, x, y, seen)
                 cross[w] = cross.get(w, 0) + alpha * (a.T @ e.reshape(-1, e.shape[-1]).float())
+    if choose is not None:
+        choose(grams, cross)
     for w in writers:
         _refit(w, grams[w], cuts.get((w, in_dim(w))), damp, cross.get(w))
+
+
+def _reselect_mlp(adapter: Adapter, plan: Plan, i: int, cuts: dict, grams: dict, cross: dict, damp: float) -> None:
+    layer = adapter.layers()[i]
+    w, entry, full = adapter.mlp_out(layer), plan.per_layer[i], plan.model["mlp"][i]
+    if w is None or w not in grams or len(entry["mlp"]) >= full:
+        return
+    part = next(p for p in adapter.mlp_parts(layer) if p.module is w and p.dim == in_dim(w))
+    weight = (w.weight.T if out_dim(w) == 1 else w.weight).float()
+    if w.bias is not None:  # the Gram has the 1 column: W [out, in + 1]
+        weight = torch.cat([weight, w.bias.float()[:, None]], 1)
+    entry["mlp"] = obs_keep(grams[w], weight, cross.get(w), part.channels(list(range(full))), len(entry["mlp"]),
+                            damp)
+    cuts.update(removed_cuts(adapter, plan))
+
+
+def obs_keep(gram: torch.Tensor, weight: torch.Tensor, cross: torch.Tensor | None, cols: torch.Tensor, keep: int,
+             damp: float, rounds: int = 32) -> list[int]:
+    """Which of the units (unit u = input column cols[u] of a writer W [out, in]) to keep: greedy structured OBS
+    (Optimal Brain Surgeon for whole columns, as ZipLM, Kurtic et al. 2023, and SlimGPT, Ling et al. 2024, apply it
+    to LLMs). From the least-squares fit W0 on all columns, drop the columns whose removal, the others re-fit,
+    raises ||X W'^T - Y||^2 least, cost_j = ||W0[:, j]||^2 / [H^-1]_jj; after dropping a set S, W0 and H^-1 are
+    updated in closed form. Unlike a score per column (|W| x ||X||), this sees that a column another column can
+    stand in for costs little. `rounds` batches of equal size, so the work is a few dense products per round."""
+    h = gram.double()
+    h = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    hinv = torch.linalg.inv(h)
+    rhs = gram.double() @ weight.double().T
+    if cross is not None:
+        rhs = rhs + cross.double()
+    w = (hinv @ rhs).T  # [out, in (+1)]
+    cols = cols.to(h.device)
+    alive = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
+    alive[cols] = True
+    left = len(cols) - keep
+    per = -(-left // rounds)
+    while left > 0:
+        cost = w.pow(2).sum(0) / hinv.diagonal()
+        cost[~alive] = float("inf")
+        s = torch.topk(cost, min(per, left), largest=False).indices
+        k = torch.linalg.solve(hinv[s][:, s], hinv[s])  # [|S|, in]
+        w = w - w[:, s] @ k
+        hinv = hinv - hinv[:, s] @ k
+        alive[s] = False
+        left -= len(s)
+    return [u for u, c in enumerate(cols.tolist()) if alive[c]]
 
 
 def _refit(w: nn.Linear, gram: torch.Tensor, gone: torch.Tensor | None, damp: float,
