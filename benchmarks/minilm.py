@@ -87,12 +87,16 @@ def cut(target: float, p: int, heads_gone: int, drop_layers: int = 0) -> dict:
     raise ValueError(f"{heads_gone} heads and {drop_layers} layers cannot reach {target}")
 
 
+# the baseline keeps the units its scores chose (Kwon et al. rescale, they do not re-choose); lopper's repair re-chooses
+KEEP_UNITS = {"repair_units": "plan"} if "repair_units" in lopper.PruneArgs.__dataclass_fields__ else {}
+
+
 def methods(a: argparse.Namespace) -> dict[str, tuple[str, dict]]:
     t, p = a.target, a.flops_seq_len
     m = {
         "magnitude": ("baseline", {**cut(t, p, 5), "width_metric": "magnitude"}),
         "fisher": ("baseline", {**cut(t, p, 5), "width_metric": "fisher"}),
-        "fisher+lsq": ("baseline", {**cut(t, p, 5), "width_metric": "fisher", "repair": "lsq"}),
+        "fisher+lsq": ("baseline", {**cut(t, p, 5), "width_metric": "fisher", "repair": "lsq", **KEEP_UNITS}),
         "activation": ("lopper", {**cut(t, p, 5), "width_metric": "activation"}),
         "activation+lsq": ("lopper", {**cut(t, p, 5), "width_metric": "activation", "repair": "lsq"}),
     }

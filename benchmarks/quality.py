@@ -109,8 +109,11 @@ def kept_runs(path: str, a: argparse.Namespace) -> tuple[list[dict], dict]:
     if differ:
         sys.exit(f"--keep {path} was measured with other settings ({', '.join(differ)}): measure every method")
     runs = [r for r in old["runs"] if r["method"] not in a.methods and r["level"] in a.levels]
-    return runs, {"json": rel(path), "command": old["command"], "machine": old["machine"],
-                  "baseline_perplexity": old["baseline_perplexity"]}
+    origin = {"json": rel(path), "command": old["command"], "machine": old["machine"],
+              "baseline_perplexity": old["baseline_perplexity"]}
+    if old.get("kept_from") and all(r["method"] not in old["settings"]["methods"] for r in runs):
+        origin = {**old["kept_from"], "json": rel(path)}  # they were carried into `path` too: name where they ran
+    return runs, origin
 
 
 def machine(device: str) -> str:
