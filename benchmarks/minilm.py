@@ -88,7 +88,7 @@ def cut(target: float, p: int, heads_gone: int, drop_layers: int = 0) -> dict:
 
 
 # the baseline keeps the units its scores chose (Kwon et al. rescale, they do not re-choose); lopper's repair re-chooses
-KEEP_UNITS = {"repair_units": "plan"} if "repair_units" in lopper.PruneArgs.__dataclass_fields__ else {}
+KEEP_UNITS = {"repair_units": "plan"}
 
 
 def methods(a: argparse.Namespace) -> dict[str, tuple[str, dict]]:

@@ -49,12 +49,11 @@ from torch import nn
 import transformers
 
 import lopper
-from lopper.api import Selection, make_plan
+from lopper.api import Selection, make_plan, run_repair
 from lopper.evaluate import count_params, perplexity
 from lopper.gradient import fisher_scores
 from lopper.importance import collect, width_scores
 from lopper.io import load_model
-from lopper.repair import repair
 from lopper.select import Target, _fill_width, choose, default_round_to
 from lopper.sleb import Sleb
 from lopper.surgery import apply, silenced
@@ -202,7 +201,7 @@ def main() -> int:
                                      calib=a.calib, calib_samples=a.calib_samples, seq_len=a.seq_len, quiet=True)
                     p = make_plan(args, model, adapter, windows)
                     with silenced():
-                        repair(trial, trial_adapter, p, windows, reselect=True, quiet=True)  # lopper prune's defaults
+                        run_repair(args, trial, trial_adapter, p, windows, quiet=True)  # as lopper prune does
                 if p is not None:
                     with silenced():
                         apply(trial, trial_adapter, p)

@@ -54,22 +54,27 @@ def test_repair_lowers_calibration_error_and_survives_surgery(family, case, mode
     if case == "depth" and (family == "bert" or mode == "local"):
         pytest.skip("depth is repaired by aiming at the unpruned stream (correct > 0), which post-norm BERT has not")
     base = tiny_model(family, layers=4, heads=8, kv_heads=4, head_dim=4, mlp=32, init=0.1, attn="eager")
-    windows = _windows()
+    _check_repair(base, _plan(adapter_for(base), **CASES[case]), _windows(), 0.8, **MODES[mode])
+
+
+def _check_repair(base, plan, windows, factor, **options):
+    """Repair a copy of `base` to `plan` (updated in place if the repair re-chooses channels): the counts stay the
+    plan's, surgery then computes exactly what the repaired, masked full-width model did, and the error to `base`
+    on the calibration windows is below `factor` x that of the plain cut."""
     reference = [outputs(base, w) for w in windows]
     plain, fitted = copy.deepcopy(base), copy.deepcopy(base)
-    plan = _plan(adapter_for(base), **CASES[case])
-    apply(plain, adapter_for(plain), plan)
+    apply(plain, adapter_for(plain), copy.deepcopy(plan))
     counts = plan.widths()
-    repair(fitted, adapter_for(fitted), plan, windows, quiet=True, **MODES[mode])
-    assert plan.widths() == counts  # re-chosen channels (teacher+obs), never a different count
+    repair(fitted, adapter_for(fitted), plan, windows, quiet=True, **options)
+    assert plan.widths() == counts  # re-chosen channels (reselect), never a different count
     hooks = mask(fitted, adapter_for(fitted), plan)  # dropped layers pass through; cut units are already zero
     masked = [outputs(fitted, w) for w in windows]
     for h in hooks:
         h.remove()
     apply(fitted, adapter_for(fitted), plan)
-    for k, w in enumerate(windows):  # surgery after repair computes exactly what the repaired full-width model did
+    for k, w in enumerate(windows):
         assert (outputs(fitted, w) - masked[k]).abs().max() < 1e-4
-    assert _error(fitted, reference, windows) < 0.8 * _error(plain, reference, windows)
+    assert _error(fitted, reference, windows) < factor * _error(plain, reference, windows)
 
 
 def test_repair_of_nothing_changes_nothing():
@@ -132,15 +137,4 @@ def test_aimed_obs_repair_on_every_family(family):
         full = len(plan.per_layer[i]["mlp"])
         if full > 1:
             plan.per_layer[i]["mlp"] = list(range(0, full, 2))
-    reference = [outputs(base, w) for w in windows]
-    plain, fitted = copy.deepcopy(base), copy.deepcopy(base)
-    apply(plain, adapter_for(plain), copy.deepcopy(plan))
-    repair(fitted, adapter_for(fitted), plan, windows, correct=0.3, reselect=True, quiet=True)
-    hooks = mask(fitted, adapter_for(fitted), plan)
-    masked = [outputs(fitted, w) for w in windows]
-    for h in hooks:
-        h.remove()
-    apply(fitted, adapter_for(fitted), plan)
-    for k, w in enumerate(windows):
-        assert (outputs(fitted, w) - masked[k]).abs().max() < 1e-4
-    assert _error(fitted, reference, windows) < 0.9 * _error(plain, reference, windows)
+    _check_repair(base, plan, windows, 0.9, correct=0.3, reselect=True)

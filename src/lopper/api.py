@@ -232,16 +232,21 @@ def _candidate_loss(args: Selection, model, adapter, windows: list[torch.Tensor]
         trial_adapter = type(adapter)(trial)
         with silenced():
             if args.repair == "lsq":
-                repair(trial, trial_adapter, p, fit, damp=args.repair_damp, correct=args.repair_correct,
-                       reselect=_reselect(args), quiet=True)
+                run_repair(args, trial, trial_adapter, p, fit, quiet=True)
             apply(trial, trial_adapter, p)
         return calibration_loss(trial, held, reference)
 
     return loss
 
 
-def _reselect(args: Selection) -> bool:
-    return args.repair_units == "obs" and not args.plan
+def run_repair(args: Selection, model, adapter, p: Plan, windows: list[torch.Tensor], quiet: bool) -> None:
+    """`--repair lsq` with the options in `args`; a replayed --plan keeps its channels, else (--repair-units obs)
+    the repair re-chooses the MLP channels in `p` and says so in its meta."""
+    reselect = args.repair_units == "obs" and not args.plan
+    repair(model, adapter, p, windows, damp=args.repair_damp, correct=args.repair_correct, reselect=reselect,
+           quiet=quiet)
+    if reselect:
+        p.meta["units"] = "MLP channels chosen by the repair (greedy OBS on calibration inputs)"
 
 
 def plan(args: PlanArgs | None = None, /, **kwargs) -> Plan:
@@ -282,10 +287,7 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     p = make_plan(args, model, adapter, windows)
     p.meta["source"] = args.model
     if args.repair == "lsq":
-        repair(model, adapter, p, windows, damp=args.repair_damp, correct=args.repair_correct,
-               reselect=_reselect(args), quiet=args.quiet)
-        if _reselect(args):
-            p.meta["units"] = "MLP channels chosen by the repair (greedy OBS on calibration inputs)"
+        run_repair(args, model, adapter, p, windows, quiet=args.quiet)
     standard = apply(model, adapter, p)
     sparse = sp.for_prune(args, p, model, adapter, windows)
     after = {**count_params(model, adapter), "structures": structures(adapter)}

@@ -28,6 +28,8 @@ cut units masked to zero, so `surgery.apply` afterwards gives the same function,
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -86,13 +88,17 @@ def repair(model: nn.Module, adapter: Adapter, plan: Plan, batches: list[torch.T
     if not cuts and len(plan.layers) == len(layers):
         return
     teacher = correct > 0 and adapter.writes_residual()
-    xs, calls = capture_layer_inputs(model, adapter, batches)
-    ts = [x.clone() for x in xs] if teacher else None  # the unpruned stream
     in_layers = {id(m) for layer in layers for m in layer.modules()}
     outside = {k: v for k, v in cuts.items() if id(k[0]) not in in_layers}  # hidden channels: embeddings, norms
-    if outside:
+    if not teacher:
         zero(outside)
-        xs = capture_layer_inputs(model, adapter, batches)[0]
+    xs, calls = capture_layer_inputs(model, adapter, batches)
+    ts = None
+    if teacher:
+        ts = [x.clone() for x in xs]  # the unpruned stream, captured before any cut is masked
+        if outside:
+            zero(outside)
+            xs = capture_layer_inputs(model, adapter, batches)[0]
     for pos, i in enumerate(tqdm(plan.layers, desc="repair", disable=quiet, leave=False)):
         layer = layers[i]
         step = [c[i] for c in calls]
@@ -188,12 +194,9 @@ def _reselect_mlp(adapter: Adapter, plan: Plan, i: int, cuts: dict, grams: dict,
     if w is None or w not in grams or len(entry["mlp"]) >= full:
         return
     part = next(p for p in adapter.mlp_parts(layer) if p.module is w and p.dim == in_dim(w))
-    weight = (w.weight.T if out_dim(w) == 1 else w.weight).float()
-    if w.bias is not None:  # the Gram has the 1 column: W [out, in + 1]
-        weight = torch.cat([weight, w.bias.float()[:, None]], 1)
-    entry["mlp"] = obs_keep(grams[w], weight, cross.get(w), part.channels(list(range(full))), len(entry["mlp"]),
-                            damp)
-    cuts.update(removed_cuts(adapter, plan))
+    entry["mlp"] = obs_keep(grams[w], _with_bias(w), cross.get(w), part.channels(list(range(full))),
+                            len(entry["mlp"]), damp)
+    cuts.update(removed_cuts(adapter, replace(plan, layers=[i])))  # this layer's modules (and the hidden ones)
 
 
 def obs_keep(gram: torch.Tensor, weight: torch.Tensor, cross: torch.Tensor | None, cols: torch.Tensor, keep: int,
@@ -204,15 +207,13 @@ def obs_keep(gram: torch.Tensor, weight: torch.Tensor, cross: torch.Tensor | Non
     raises ||X W'^T - Y||^2 least, cost_j = ||W0[:, j]||^2 / [H^-1]_jj; after dropping a set S, W0 and H^-1 are
     updated in closed form. Unlike a score per column (|W| x ||X||), this sees that a column another column can
     stand in for costs little. `rounds` batches of equal size, so the work is a few dense products per round."""
-    h = gram.double()
-    h = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    hinv = torch.linalg.inv(h)
+    hinv = torch.linalg.inv(_damped(gram.double(), damp))
     rhs = gram.double() @ weight.double().T
     if cross is not None:
         rhs = rhs + cross.double()
     w = (hinv @ rhs).T  # [out, in (+1)]
-    cols = cols.to(h.device)
-    alive = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
+    cols = cols.to(hinv.device)
+    alive = torch.zeros(hinv.shape[0], dtype=torch.bool, device=hinv.device)
     alive[cols] = True
     left = len(cols) - keep
     per = -(-left // rounds)
@@ -237,17 +238,26 @@ def _refit(w: nn.Linear, gram: torch.Tensor, gone: torch.Tensor | None, damp: fl
     keep = torch.ones(gram.shape[0], dtype=torch.bool, device=gram.device)
     if gone is not None:
         keep[gone.to(gram.device)] = False
-    full = weight.float()
-    if w.bias is not None:
-        full = torch.cat([full, w.bias.float()[:, None]], 1)  # [out, in + 1]
-    g = gram[keep][:, keep]
-    g = g + damp * g.diagonal().mean() * torch.eye(g.shape[0], device=g.device)
+    full = _with_bias(w)
     rhs = gram[keep] @ full.T  # [kept, out] = X_k^T X W^T
     if cross is not None:
         rhs = rhs + cross[keep]
+    g = _damped(gram[keep][:, keep], damp)
     solved = torch.linalg.solve(g.double(), rhs.double()).T.float()  # [out, kept]; float64: small damping
     new = torch.zeros_like(full)
     new[:, keep] = solved
     weight.copy_(new[:, :n_in].to(weight.dtype))
     if w.bias is not None:
         w.bias.copy_(new[:, n_in].to(w.bias.dtype))
+
+
+def _with_bias(w: nn.Module) -> torch.Tensor:
+    """W [out, in] in float32 whatever the layout (GPT-2's Conv1D is [in, out]), with the bias as a last column
+    [out, in + 1] where the module has one (the Gram matrices then carry the 1 column)."""
+    weight = (w.weight.T if out_dim(w) == 1 else w.weight).float()
+    return weight if w.bias is None else torch.cat([weight, w.bias.float()[:, None]], 1)
+
+
+def _damped(gram: torch.Tensor, damp: float) -> torch.Tensor:
+    """gram + lambda I, lambda = damp x mean(diag gram): the ridge term that keeps every solve well posed."""
+    return gram + damp * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
