@@ -1,4 +1,4 @@
-"""`lopper plan|prune|eval|demo`: flags generated from the argument dataclasses in api.py."""
+"""`lopper plan|prune|eval|heal|bench|export|demo`: flags generated from the argument dataclasses in api.py."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ from dataclasses import MISSING, fields
 from . import api
 from .errors import LopperError
 from .bench import BenchArgs, bench
+from .export import ExportArgs, export
 from .heal import HealArgs, heal
 
 COMMANDS = {
@@ -17,6 +18,8 @@ COMMANDS = {
     "eval": (api.EvalArgs, api.evaluate, "parameters, size on disk and perplexity of a model folder"),
     "heal": (HealArgs, heal, "distil or fine-tune a pruned model toward the original; save a standard checkpoint"),
     "bench": (BenchArgs, bench, "parameters, FLOPs, size, memory, prefill and decode speed of models, with ratios"),
+    "export": (ExportArgs, export, "rewrite a pruned model in a layout serving engines read with per-layer widths "
+               "(nemotron-nas)"),
 }
 
 
@@ -73,6 +76,8 @@ def _print_summary(command: str, result) -> None:
         if result:  # None on the other processes of `accelerate launch`
             section = result.get("heal", result)
             print(json.dumps({k: v for k, v in section.items() if k not in ("loss_history", "args")}, indent=1))
+    elif command == "export":
+        print(json.dumps({k: v for k, v in result.items() if k not in ("blocks", "args")}, indent=1))
     elif command == "bench":
         if not result["args"]["quiet"]:
             print(result["markdown"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -131,21 +132,31 @@ def save(model, out: str | Path, *, source: str, tokenizer, plan: Plan | None, r
     """Write weights (safetensors), config, tokenizer files, the plan and the report into a temporary sibling folder,
     then rename it to `out`; an existing `out` is replaced only with force=True, and only after the new one is
     complete. `files`: more files (name -> bytes) to write beside the weights, e.g. the sparsity masks."""
-    out = check_output(out, force, source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.lopper-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged(out, force, source) as tmp:
         if dtype is not None:
             model.to(dtype)
         model.save_pretrained(tmp, safe_serialization=True)
         _add_legacy_config_keys(tmp / "config.json")
-        _copy_side_files(source, tmp, tokenizer)
+        copy_side_files(source, tmp, tokenizer)
         if plan is not None:  # heal of a model that lopper did not prune
             plan.save(tmp / PLAN_FILE)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
         for name, data in (files or {}).items():
             (tmp / name).write_bytes(data)
+    return Path(out)
+
+
+@contextmanager
+def staged(out: str | Path, force: bool, source: str):
+    """A temporary sibling folder to write into; renamed to `out` when the block ends without an error (replacing
+    an existing `out` only with force=True, and only then), removed otherwise."""
+    out = check_output(out, force, source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.lopper-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
         if out.exists():
             old = out.parent / f".{out.name}.lopper-old-{os.getpid()}"
             os.rename(out, old)
@@ -155,10 +166,9 @@ def save(model, out: str | Path, *, source: str, tokenizer, plan: Plan | None, r
             os.rename(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
-def _copy_side_files(source: str, dest: Path, tokenizer) -> None:
+def copy_side_files(source: str, dest: Path, tokenizer) -> None:
     src = Path(source)
     if not src.is_dir():
         if tokenizer is not None:

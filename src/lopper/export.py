@@ -1,0 +1,217 @@
+"""`lopper export`: rewrite a pruned model in a layout that serving engines read with per-layer widths.
+
+nemotron-nas is the layout of NVIDIA's DeciLM / Nemotron-NAS models (Llama-3.1-Nemotron-51B,
+Llama-3.3-Nemotron-Super-49B; Bercovich et al. 2024, "Puzzle"), in which every decoder block has its own widths:
+
+    config.block_configs[i] = {"attention": {"n_heads_in_group": g, "no_op": false, "replace_with_linear": false},
+                               "ffn": {"ffn_mult": m, "no_op": false, "replace_with_linear": false}}
+
+block i has num_attention_heads / g KV heads and an MLP of width roundup(int(2 m hidden / 3), 256); no_op drops the
+attention or the MLP (and its norm) from the block. The tensors keep Llama's names. vLLM, SGLang and TensorRT-LLM
+(DeciLMForCausalLM), llama.cpp's GGUF converter and MLX-LM read it; transformers needs NVIDIA's code
+(`trust_remote_code=True`, named in the config's auto_map), so `lopper.load()` cannot open the export: keep the
+lopper folder for that.
+
+The layout's rules (one query-head count for every block, KV heads dividing it, MLP widths multiples of 256) are met
+by zero padding, which changes nothing the model computes: a padded MLP channel has zero gate/up rows and a zero
+down_proj column (silu(0) * 0 = 0); a padded query head has zero q rows and a zero o_proj column, so whatever it
+attends to is multiplied by zero; a padded KV group serves only padded heads. The padding costs parameters (reported;
+ref-llama at 25% removed with global widths: 2.3%). `--round-to 256` avoids it in the MLPs only where they are many
+multiples of 256 wide: on ref-llama (1024) it forces heads out instead and perplexity goes from 111 to 158.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors.torch import save_file
+
+from . import __version__
+from .api import _args, _opt, _quiet
+from .errors import LopperError
+from .evaluate import count_params
+from .io import PLAN_FILE, _add_legacy_config_keys, copy_side_files, load_model, read_config, staged
+
+log = logging.getLogger("lopper")
+FORMATS = ("nemotron-nas",)
+# NVIDIA's configuration and modeling code for the layout, referenced as "repo--module.Class" (transformers fetches
+# it with trust_remote_code=True); nothing of it is copied here.
+REMOTE_CODE = "nvidia/Llama-3_3-Nemotron-Super-49B-v1"
+EXPORT_REPORT = "lopper_export.json"
+
+
+@dataclass(kw_only=True)
+class ExportArgs:
+    model: str = _opt("", "model folder to export (standard, or saved by lopper with per-layer widths)",
+                      positional=True)
+    out: str = _opt("", "output folder (written atomically)", required=True)
+    format: str = _opt("nemotron-nas", "layout: nemotron-nas (NVIDIA DeciLM block_configs, widths per layer; read by "
+                       "vLLM, SGLang, TensorRT-LLM and llama.cpp's converter)", choices=FORMATS)
+    force: bool = _opt(False, "replace an existing output folder")
+    quiet: bool = _opt(False, "no logs")
+
+
+def ffn_width(ffn_mult: float, hidden: int) -> int:
+    """The MLP width a block's ffn_mult stands for: int(2 m hidden / 3) rounded up to a multiple of 256."""
+    n = int(2 * ffn_mult * hidden / 3)
+    return -(-n // 256) * 256
+
+
+def ffn_mult(width: int, hidden: int) -> float:
+    """The ffn_mult (6 decimals, as the configs write it) whose ffn_width is `width`, a multiple of 256."""
+    m = round(width * 3 / (2 * hidden), 6)
+    assert ffn_width(m, hidden) == width, (width, hidden, m)
+    return m
+
+
+def export(args: ExportArgs | None = None, /, **kwargs) -> dict:
+    """Load `args.model` (any lopper output or standard Llama folder), write it in `args.format` to `args.out`
+    (temporary folder, then rename); returns the report also written as lopper_export.json."""
+    args = _args(ExportArgs, args, kwargs)
+    if args.format not in FORMATS:
+        raise LopperError(f"--format {args.format!r} is unknown: use one of {', '.join(FORMATS)}")
+    if not args.out:
+        raise LopperError("no --out given: name the output folder")
+    _quiet(args.quiet)
+    dtype = getattr(read_config(args.model), "dtype", None)
+    model, tok, adapter = load_model(args.model, "cpu", str(dtype).removeprefix("torch.") if dtype else "float32")
+    config, state, blocks = nemotron_nas(model, adapter)
+    before = count_params(model, adapter)["params"]
+    after = sum(t.numel() for name, t in state.items())
+    report = {"lopper_version": __version__, "source": args.model, "format": args.format,
+              "params_before": before, "params_after": after, "padding_params": after - before, "blocks": blocks,
+              "args": asdict(args)}
+    with staged(args.out, args.force, args.model) as tmp:
+        write_state(state, tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _add_legacy_config_keys(tmp / "config.json")
+        copy_side_files(args.model, tmp, tok)
+        for name in (PLAN_FILE, "generation_config.json"):
+            if (Path(args.model) / name).is_file():
+                (tmp / name).write_bytes((Path(args.model) / name).read_bytes())
+        (tmp / EXPORT_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    log.info("params: %s -> %s (%s of padding)", f"{before:,}", f"{after:,}", f"{after - before:,}")
+    return report
+
+
+def write_state(state: dict[str, torch.Tensor], folder: Path, max_shard: str = "5GB") -> None:
+    """safetensors shards and, when there are several, the index that transformers and vLLM read."""
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard)
+    for file, names in split.filename_to_tensors.items():
+        save_file({n: state[n].contiguous() for n in names}, folder / file, metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def nemotron_nas(model, adapter) -> tuple[dict, dict[str, torch.Tensor], list[dict]]:
+    """(config.json as a dict, the tensors by name, one summary per block) of a Llama-family `model` with any
+    per-layer widths, padded to the layout's rules."""
+    c = adapter.config
+    if c.model_type != "llama":
+        raise LopperError(f"--format nemotron-nas writes Llama-family models and this one is {c.model_type!r}: "
+                          "export a Llama model, or keep the lopper folder (lopper.load())")
+    hidden, d = adapter.hidden_size(), adapter.head_dim()
+    widths = [adapter.layer_widths(layer) for layer in adapter.layers()]
+    n_heads = _query_heads(widths, c.num_attention_heads)
+    names = {id(m): n for n, m in model.named_modules()}
+    state = dict(model.state_dict())
+    if getattr(c, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    blocks, summary = [], []
+    with torch.no_grad():
+        for layer, w in zip(adapter.layers(), widths):
+            attn, mlp = _pad_attention(adapter, layer, w, n_heads, state, names), _pad_mlp(adapter, layer, w, state,
+                                                                                              names, hidden)
+            blocks.append({"attention": attn, "ffn": mlp})
+            summary.append({"heads": w["heads"], "kv_heads": w["kv_heads"], "mlp": w["mlp"],
+                            "kv_heads_written": 0 if attn["no_op"] else n_heads // attn["n_heads_in_group"],
+                            "mlp_written": 0 if mlp["no_op"] else ffn_width(mlp["ffn_mult"], hidden)})
+    config = c.to_dict()
+    for k in ("num_key_value_heads", "intermediate_size", "lopper_layout", "auto_map", "layer_types"):
+        config.pop(k, None)
+    config.update(architectures=["DeciLMForCausalLM"], model_type="nemotron-nas", block_configs=blocks,
+                  hidden_size=hidden, head_dim=d, num_attention_heads=n_heads, num_hidden_layers=len(blocks),
+                  rms_norm_eps=adapter.final_norms()[0].variance_epsilon,
+                  auto_map={"AutoConfig": f"{REMOTE_CODE}--configuration_decilm.DeciLMConfig",
+                            "AutoModelForCausalLM": f"{REMOTE_CODE}--modeling_decilm.DeciLMForCausalLM"})
+    if hidden != n_heads * d:
+        log.warning("hidden %d != %d heads x head_dim %d: transformers' remote DeciLM code derives head_dim from "
+                    "hidden / heads; vLLM and llama.cpp read head_dim", hidden, n_heads, d)
+    return config, state, summary
+
+
+def _query_heads(widths: list[dict], most: int) -> int:
+    """The one query-head count H for every block, at most the config's: the H (with, per block, the fewest KV
+    groups k' >= k dividing it) that needs the least padding."""
+    need = [(w["kv_heads"], w["heads"] // w["kv_heads"]) for w in widths if w["heads"]]
+    if not need:
+        return most
+
+    def padding(h):
+        total = 0
+        for k, n in need:
+            groups = next((g for g in range(k, h + 1) if h % g == 0 and h // g >= n), None)
+            if groups is None:
+                return None
+            total += h - k * n + (groups - k)
+        return total
+
+    costs = {h: padding(h) for h in range(max(k * n for k, n in need), max(most, 1) + 1)}
+    ok = {h: p for h, p in costs.items() if p is not None}
+    if not ok:
+        raise LopperError(f"no query-head count up to {most} fits every block's KV groups: the layout cannot hold "
+                          "this model")
+    return min(ok, key=lambda h: (ok[h], -h))
+
+
+def _pad_attention(adapter, layer, w: dict, n_heads: int, state: dict, names: dict) -> dict:
+    a = adapter.attention(layer)
+    if not w["heads"]:
+        _drop(state, names, [a, *adapter.layer_norms(layer)[:1]])
+        return {"no_op": True, "replace_with_linear": False}
+    k, n, d = w["kv_heads"], w["heads"] // w["kv_heads"], adapter.head_dim()
+    groups = next(g for g in range(k, n_heads + 1) if n_heads % g == 0 and n_heads // g >= n)
+    per = n_heads // groups
+    for proj, heads, room in ((a.q_proj, n, per), (a.k_proj, 1, 1), (a.v_proj, 1, 1)):
+        for name, t in _params(proj, names):  # rows: [k groups, heads, d] -> [groups, room, d]
+            new = t.new_zeros(groups, room, d, *t.shape[1:])
+            new[:k, :heads] = t.reshape(k, heads, d, *t.shape[1:])
+            state[name] = new.reshape(-1, *t.shape[1:])
+    o = a.o_proj.weight  # columns: [k groups, n heads, d]
+    new = o.new_zeros(o.shape[0], groups, per, d)
+    new[:, :k, :n] = o.reshape(o.shape[0], k, n, d)
+    state[names[id(a.o_proj)] + ".weight"] = new.reshape(o.shape[0], -1)
+    return {"n_heads_in_group": per, "no_op": False, "replace_with_linear": False}
+
+
+def _pad_mlp(adapter, layer, w: dict, state: dict, names: dict, hidden: int) -> dict:
+    if not w["mlp"]:
+        _drop(state, names, [layer.mlp, *adapter.layer_norms(layer)[1:]])
+        return {"no_op": True, "replace_with_linear": False}
+    width = -(-w["mlp"] // 256) * 256
+    for proj in adapter.mlp_in(layer):
+        for name, t in _params(proj, names):
+            new = t.new_zeros(width, *t.shape[1:])
+            new[:w["mlp"]] = t
+            state[name] = new
+    down = adapter.mlp_out(layer).weight
+    new = down.new_zeros(down.shape[0], width)
+    new[:, :w["mlp"]] = down
+    state[names[id(adapter.mlp_out(layer))] + ".weight"] = new
+    return {"ffn_mult": ffn_mult(width, hidden), "no_op": False, "replace_with_linear": False}
+
+
+def _params(module, names: dict):
+    """(state-dict name, tensor) of a Linear's weight and bias."""
+    return [(f"{names[id(module)]}.{k}", p) for k, p in module.named_parameters(recurse=False)]
+
+
+def _drop(state: dict, names: dict, modules: list) -> None:
+    prefixes = tuple(names[id(m)] + "." for m in modules)
+    for k in [k for k in state if k.startswith(prefixes)]:
+        del state[k]
