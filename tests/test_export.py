@@ -97,28 +97,46 @@ def test_export_computes_what_the_cut_model_computes(tmp_path_factory, data, see
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     assert all(b["mlp_written"] % 256 == 0 and b["mlp_written"] >= b["mlp"] for b in blocks)
     assert all(b["kv_heads_written"] >= b["kv_heads"] for b in blocks)
+    if config["hidden_size"] == kv * group * 8:  # hidden not cut: hidden / heads is head_dim, as llama.cpp assumes
+        assert config["num_attention_heads"] * config["head_dim"] == config["hidden_size"]
 
 
-def test_no_op_blocks_and_sharded_files(tmp_path):
-    """A layer with no MLP and one with no attention become no_op parts without their norms; shards get an index."""
-    model = tiny_model("llama", seed=3, attn="eager", init=0.2, layers=3, mlp=40)
-    adapter = adapter_class("llama")(model)
-    ids = torch.randint(0, 96, (1, 10))
+def _empty(layer, attention: bool, mlp: bool) -> None:
+    """Cut a layer's attention (all heads) and/or MLP (all channels) to nothing."""
     with torch.no_grad():
-        layers = adapter.layers()
-        for m in (layers[1].mlp.gate_proj, layers[1].mlp.up_proj):
-            m.weight.data = m.weight.data[:0]
-        layers[1].mlp.down_proj.weight.data = layers[1].mlp.down_proj.weight.data[:, :0]
-        a = layers[2].self_attn
-        for m in (a.q_proj, a.k_proj, a.v_proj):
-            m.weight.data = m.weight.data[:0]
-        a.o_proj.weight.data = a.o_proj.weight.data[:, :0]
-        a.forward = lambda hidden_states, *args, **kw: (torch.zeros_like(hidden_states), None)
+        if mlp:
+            m = layer.mlp
+            for lin in (m.gate_proj, m.up_proj):
+                lin.weight.data = lin.weight.data[:0]
+            m.down_proj.weight.data = m.down_proj.weight.data[:, :0]
+        if attention:
+            a = layer.self_attn
+            for lin in (a.q_proj, a.k_proj, a.v_proj):
+                lin.weight.data = lin.weight.data[:0]
+            a.o_proj.weight.data = a.o_proj.weight.data[:, :0]
+            a.forward = lambda hidden_states, *args, **kw: (torch.zeros_like(hidden_states), None)
+
+
+def test_empty_parts_and_sharded_files(tmp_path):
+    """No attention -> attention no_op (n_heads_in_group null); no MLP beside an attention -> a zero MLP of 256
+    channels (llama.cpp would skip the block's attention at a no_op MLP); neither -> both no_op, as llama.cpp's
+    dummy blocks. Several shards get an index."""
+    model = tiny_model("llama", seed=3, attn="eager", init=0.2, layers=4, mlp=40)
+    adapter = adapter_class("llama")(model)
+    layers = adapter.layers()
+    _empty(layers[1], attention=False, mlp=True)
+    _empty(layers[2], attention=True, mlp=False)
+    _empty(layers[3], attention=True, mlp=True)
+    ids = torch.randint(0, 96, (1, 10))
     expected = outputs(model, ids)
     config, state, blocks = nemotron_nas(model, adapter)
-    assert config["block_configs"][1]["ffn"]["no_op"] and config["block_configs"][2]["attention"]["no_op"]
-    assert not any(k.startswith(("model.layers.1.mlp.", "model.layers.1.post_attention_layernorm",
-                                 "model.layers.2.self_attn.", "model.layers.2.input_layernorm")) for k in state)
+    b = config["block_configs"]
+    assert not b[1]["ffn"]["no_op"] and ffn_width(b[1]["ffn"]["ffn_mult"], 32) == 256
+    assert not state["model.layers.1.mlp.down_proj.weight"].any()
+    assert b[2]["attention"] == {"n_heads_in_group": None, "no_op": True, "replace_with_linear": False}
+    assert b[3]["attention"]["no_op"] and b[3]["ffn"] == {"ffn_mult": None, "no_op": True, "replace_with_linear": False}
+    assert not any(k.startswith(("model.layers.2.self_attn.", "model.layers.2.input_layernorm",
+                                 "model.layers.3.")) for k in state)
     write_state(state, tmp_path, max_shard="20KB")
     assert len(list(tmp_path.glob("*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
     (tmp_path / "config.json").write_text(json.dumps(config))

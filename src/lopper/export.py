@@ -6,11 +6,11 @@ Llama-3.3-Nemotron-Super-49B; Bercovich et al. 2024, "Puzzle"), in which every d
     config.block_configs[i] = {"attention": {"n_heads_in_group": g, "no_op": false, "replace_with_linear": false},
                                "ffn": {"ffn_mult": m, "no_op": false, "replace_with_linear": false}}
 
-block i has num_attention_heads / g KV heads and an MLP of width roundup(int(2 m hidden / 3), 256); no_op drops the
-attention or the MLP (and its norm) from the block. The tensors keep Llama's names. vLLM, SGLang and TensorRT-LLM
-(DeciLMForCausalLM), llama.cpp's GGUF converter and MLX-LM read it; transformers needs NVIDIA's code
-(`trust_remote_code=True`, named in the config's auto_map), so `lopper.load()` cannot open the export: keep the
-lopper folder for that.
+block i has num_attention_heads / g KV heads and an MLP of width roundup(int(2 m hidden / 3), 256); no_op (with g or m
+null, as llama.cpp reads it) drops the attention or the MLP, and its norm, from the block (the MLP only together with
+the attention, see _pad_mlp). The tensors keep Llama's names. vLLM, SGLang and TensorRT-LLM (DeciLMForCausalLM),
+llama.cpp's GGUF converter and MLX-LM read it; transformers needs NVIDIA's code (`trust_remote_code=True`, named in
+the config's auto_map), so `lopper.load()` cannot open the export: keep the lopper folder for that.
 
 The layout's rules (one query-head count for every block, KV heads dividing it, MLP widths multiples of 256) are met
 by zero padding, which changes nothing the model computes: a padded MLP channel has zero gate/up rows and a zero
@@ -117,7 +117,7 @@ def nemotron_nas(model, adapter) -> tuple[dict, dict[str, torch.Tensor], list[di
                           "export a Llama model, or keep the lopper folder (lopper.load())")
     hidden, d = adapter.hidden_size(), adapter.head_dim()
     widths = [adapter.layer_widths(layer) for layer in adapter.layers()]
-    n_heads = _query_heads(widths, c.num_attention_heads)
+    n_heads = _query_heads(widths, hidden, d, c.num_attention_heads)
     names = {id(m): n for n, m in model.named_modules()}
     state = dict(model.state_dict())
     if getattr(c, "tie_word_embeddings", False):
@@ -125,8 +125,8 @@ def nemotron_nas(model, adapter) -> tuple[dict, dict[str, torch.Tensor], list[di
     blocks, summary = [], []
     with torch.no_grad():
         for layer, w in zip(adapter.layers(), widths):
-            attn, mlp = _pad_attention(adapter, layer, w, n_heads, state, names), _pad_mlp(adapter, layer, w, state,
-                                                                                              names, hidden)
+            attn = _pad_attention(adapter, layer, w, n_heads, state, names)
+            mlp = _pad_mlp(adapter, layer, w, state, names, hidden, keep=not attn["no_op"])
             blocks.append({"attention": attn, "ffn": mlp})
             summary.append({"heads": w["heads"], "kv_heads": w["kv_heads"], "mlp": w["mlp"],
                             "kv_heads_written": 0 if attn["no_op"] else n_heads // attn["n_heads_in_group"],
@@ -139,43 +139,44 @@ def nemotron_nas(model, adapter) -> tuple[dict, dict[str, torch.Tensor], list[di
                   rms_norm_eps=adapter.final_norms()[0].variance_epsilon,
                   auto_map={"AutoConfig": f"{REMOTE_CODE}--configuration_decilm.DeciLMConfig",
                             "AutoModelForCausalLM": f"{REMOTE_CODE}--modeling_decilm.DeciLMForCausalLM"})
-    if hidden != n_heads * d:
-        log.warning("hidden %d != %d heads x head_dim %d: transformers' remote DeciLM code derives head_dim from "
-                    "hidden / heads; vLLM and llama.cpp read head_dim", hidden, n_heads, d)
     return config, state, summary
 
 
-def _query_heads(widths: list[dict], most: int) -> int:
-    """The one query-head count H for every block, at most the config's: the H (with, per block, the fewest KV
-    groups k' >= k dividing it) that needs the least padding."""
+def _query_heads(widths: list[dict], hidden: int, d: int, most: int) -> int:
+    """The one query-head count H of every block. Readers that derive head_dim from hidden / H (llama.cpp's
+    converter, transformers' remote DeciLM code) need H = hidden / head_dim, which fits every block unless hidden
+    channels were cut; otherwise the H up to the config's that needs the least padding (vLLM reads head_dim)."""
     need = [(w["kv_heads"], w["heads"] // w["kv_heads"]) for w in widths if w["heads"]]
-    if not need:
-        return most
-
-    def padding(h):
-        total = 0
-        for k, n in need:
-            groups = next((g for g in range(k, h + 1) if h % g == 0 and h // g >= n), None)
-            if groups is None:
-                return None
-            total += h - k * n + (groups - k)
-        return total
-
-    costs = {h: padding(h) for h in range(max(k * n for k, n in need), max(most, 1) + 1)}
+    if hidden % d == 0 and _padding(hidden // d, need) is not None:
+        return hidden // d
+    costs = {h: _padding(h, need) for h in range(max([k * n for k, n in need] or [1]), most + 1)}
     ok = {h: p for h, p in costs.items() if p is not None}
     if not ok:
         raise LopperError(f"no query-head count up to {most} fits every block's KV groups: the layout cannot hold "
-                          "this model")
+                          "this model; keep the lopper folder (lopper.load())")
+    log.warning("hidden %d is not a multiple of head_dim %d: llama.cpp and transformers' remote DeciLM code derive "
+                "head_dim from hidden / heads and cannot read this export; vLLM reads head_dim", hidden, d)
     return min(ok, key=lambda h: (ok[h], -h))
+
+
+def _groups(h: int, k: int, n: int) -> int | None:
+    """The fewest KV groups k' >= k with h / k' whole and >= n query heads per group."""
+    return next((g for g in range(k, h + 1) if h % g == 0 and h // g >= n), None)
+
+
+def _padding(h: int, need: list[tuple[int, int]]) -> int | None:
+    """Padded query heads plus padded KV groups (each costs 2 x head_dim x hidden) for H = h, None if h fails."""
+    groups = [_groups(h, k, n) for k, n in need]
+    return None if None in groups else sum(h - k * n + g - k for (k, n), g in zip(need, groups))
 
 
 def _pad_attention(adapter, layer, w: dict, n_heads: int, state: dict, names: dict) -> dict:
     a = adapter.attention(layer)
     if not w["heads"]:
         _drop(state, names, [a, *adapter.layer_norms(layer)[:1]])
-        return {"no_op": True, "replace_with_linear": False}
+        return {"n_heads_in_group": None, "no_op": True, "replace_with_linear": False}
     k, n, d = w["kv_heads"], w["heads"] // w["kv_heads"], adapter.head_dim()
-    groups = next(g for g in range(k, n_heads + 1) if n_heads % g == 0 and n_heads // g >= n)
+    groups = _groups(n_heads, k, n)
     per = n_heads // groups
     for proj, heads, room in ((a.q_proj, n, per), (a.k_proj, 1, 1), (a.v_proj, 1, 1)):
         for name, t in _params(proj, names):  # rows: [k groups, heads, d] -> [groups, room, d]
@@ -189,11 +190,13 @@ def _pad_attention(adapter, layer, w: dict, n_heads: int, state: dict, names: di
     return {"n_heads_in_group": per, "no_op": False, "replace_with_linear": False}
 
 
-def _pad_mlp(adapter, layer, w: dict, state: dict, names: dict, hidden: int) -> dict:
-    if not w["mlp"]:
+def _pad_mlp(adapter, layer, w: dict, state: dict, names: dict, hidden: int, keep: bool) -> dict:
+    """`keep`: the block has an attention, so an MLP cut to nothing stays as 256 zero channels: llama.cpp ends a
+    block at a no_op MLP before adding the attention's output to the stream (its only such blocks have neither)."""
+    if not w["mlp"] and not keep:
         _drop(state, names, [layer.mlp, *adapter.layer_norms(layer)[1:]])
-        return {"no_op": True, "replace_with_linear": False}
-    width = -(-w["mlp"] // 256) * 256
+        return {"ffn_mult": None, "no_op": True, "replace_with_linear": False}
+    width = max(256, -(-w["mlp"] // 256) * 256)
     for proj in adapter.mlp_in(layer):
         for name, t in _params(proj, names):
             new = t.new_zeros(width, *t.shape[1:])
