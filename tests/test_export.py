@@ -73,8 +73,16 @@ def test_ffn_mult_round_trips_every_multiple_of_256():
             assert ffn_width(ffn_mult(width, hidden), hidden) == width
 
 
-def _cut(seed, data, **kw):
+def _cut(seed, data, bias=False, **kw):
     model = tiny_model("llama", seed=seed, attn="eager", init=0.2, **kw)
+    if bias:  # Llama's optional biases (attention_bias, mlp_bias): padded rows get zero biases
+        config = model.config
+        config.attention_bias = config.mlp_bias = True
+        torch.manual_seed(seed)
+        model = transformers.LlamaForCausalLM(config).eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.normal_(0, 0.2) if name.endswith("bias") else None
     adapter = adapter_class("llama")(model)
     plan = draw_plan(data, adapter, "all", hidden=data.draw(st.booleans(), label="hidden"))
     with silenced():
@@ -84,9 +92,9 @@ def _cut(seed, data, **kw):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), seed=st.integers(0, 2**16), layers=st.integers(2, 4), kv=st.sampled_from([1, 2, 3]),
-       group=st.integers(1, 3), mlp=st.integers(4, 300), tied=st.booleans())
-def test_export_computes_what_the_cut_model_computes(tmp_path_factory, data, seed, layers, kv, group, mlp, tied):
-    model, adapter = _cut(seed, data, layers=layers, heads=kv * group, kv_heads=kv, mlp=mlp, tied=tied)
+       group=st.integers(1, 3), mlp=st.integers(4, 300), tied=st.booleans(), bias=st.booleans())
+def test_export_computes_what_the_cut_model_computes(tmp_path_factory, data, seed, layers, kv, group, mlp, tied, bias):
+    model, adapter = _cut(seed, data, bias, layers=layers, heads=kv * group, kv_heads=kv, mlp=mlp, tied=tied)
     ids = torch.randint(0, 96, (2, 12))
     expected = outputs(model, ids)
     config, state, blocks = nemotron_nas(model, adapter)
