@@ -34,7 +34,8 @@ from . import __version__
 from .api import _args, _opt, _quiet
 from .errors import LopperError
 from .evaluate import count_params
-from .io import PLAN_FILE, _add_legacy_config_keys, copy_side_files, load_model, read_config, staged
+from .io import (PLAN_FILE, _add_legacy_config_keys, check_output, copy_side_files, load_model, read_config,
+                 staged)
 
 log = logging.getLogger("lopper")
 FORMATS = ("nemotron-nas",)
@@ -76,12 +77,15 @@ def export(args: ExportArgs | None = None, /, **kwargs) -> dict:
         raise LopperError(f"--format {args.format!r} is unknown: use one of {', '.join(FORMATS)}")
     if not args.out:
         raise LopperError("no --out given: name the output folder")
+    check_output(args.out, args.force, args.model)  # before the load: fail fast on a taken folder or a wrong family
+    source = read_config(args.model)
+    _check_family(source.model_type)
     _quiet(args.quiet)
-    dtype = getattr(read_config(args.model), "dtype", None)
+    dtype = getattr(source, "dtype", None)
     model, tok, adapter = load_model(args.model, "cpu", str(dtype).removeprefix("torch.") if dtype else "float32")
     config, state, blocks = nemotron_nas(model, adapter)
     before = count_params(model, adapter)["params"]
-    after = sum(t.numel() for name, t in state.items())
+    after = sum(t.numel() for t in state.values())
     report = {"lopper_version": __version__, "source": args.model, "format": args.format,
               "params_before": before, "params_after": after, "padding_params": after - before, "blocks": blocks,
               "args": asdict(args)}
@@ -112,9 +116,7 @@ def nemotron_nas(model, adapter) -> tuple[dict, dict[str, torch.Tensor], list[di
     """(config.json as a dict, the tensors by name, one summary per block) of a Llama-family `model` with any
     per-layer widths, padded to the layout's rules."""
     c = adapter.config
-    if c.model_type != "llama":
-        raise LopperError(f"--format nemotron-nas writes Llama-family models and this one is {c.model_type!r}: "
-                          "export a Llama model, or keep the lopper folder (lopper.load())")
+    _check_family(c.model_type)
     hidden, d = adapter.hidden_size(), adapter.head_dim()
     widths = [adapter.layer_widths(layer) for layer in adapter.layers()]
     n_heads = _query_heads(widths, hidden, d, c.num_attention_heads)
@@ -140,6 +142,12 @@ def nemotron_nas(model, adapter) -> tuple[dict, dict[str, torch.Tensor], list[di
                   auto_map={"AutoConfig": f"{REMOTE_CODE}--configuration_decilm.DeciLMConfig",
                             "AutoModelForCausalLM": f"{REMOTE_CODE}--modeling_decilm.DeciLMForCausalLM"})
     return config, state, summary
+
+
+def _check_family(model_type: str) -> None:
+    if model_type != "llama":
+        raise LopperError(f"--format nemotron-nas writes Llama-family models and this one is {model_type!r}: "
+                          "export a Llama model, or keep the lopper folder (lopper.load())")
 
 
 def _query_heads(widths: list[dict], hidden: int, d: int, most: int) -> int:
