@@ -46,6 +46,10 @@ def read_nemotron_nas(folder: Path) -> transformers.LlamaForCausalLM:
     base._attn_implementation = "eager"
     model = transformers.LlamaForCausalLM(base)
     for i, (layer, block) in enumerate(zip(model.model.layers, cfg["block_configs"])):
+        attn, ffn = block["attention"], block["ffn"]  # the rules NVIDIA's block config classes assert
+        assert (attn["n_heads_in_group"] is None) == attn["no_op"] and not attn["replace_with_linear"]
+        assert (ffn["ffn_mult"] is None) == ffn["no_op"] and not ffn["replace_with_linear"]
+        assert ffn["no_op"] or round(ffn["ffn_mult"], 6) == ffn["ffn_mult"]
         own = copy.deepcopy(base)
         if block["attention"]["no_op"]:
             layer.self_attn, layer.input_layernorm = _NoAttention(), nn.Identity()
