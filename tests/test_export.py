@@ -77,8 +77,8 @@ def test_ffn_mult_round_trips_every_multiple_of_256():
             assert ffn_width(ffn_mult(width, hidden), hidden) == width
 
 
-def _cut(seed, data, bias=False, **kw):
-    model = tiny_model("llama", seed=seed, attn="eager", init=0.2, **kw)
+def _cut(seed, data, bias=False, family="llama", **kw):
+    model = tiny_model(family, seed=seed, attn="eager", init=0.2, **kw)
     if bias:  # Llama's optional biases (attention_bias, mlp_bias): padded rows get zero biases
         config = model.config
         config.attention_bias = config.mlp_bias = True
@@ -87,7 +87,7 @@ def _cut(seed, data, bias=False, **kw):
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.normal_(0, 0.2) if name.endswith("bias") else None
-    adapter = adapter_class("llama")(model)
+    adapter = adapter_class(family)(model)
     plan = draw_plan(data, adapter, "all", hidden=data.draw(st.booleans(), label="hidden"))
     with silenced():
         apply(model, adapter, plan)
@@ -96,9 +96,13 @@ def _cut(seed, data, bias=False, **kw):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), seed=st.integers(0, 2**16), layers=st.integers(2, 4), kv=st.sampled_from([1, 2, 3]),
-       group=st.integers(1, 3), mlp=st.integers(4, 300), tied=st.booleans(), bias=st.booleans())
-def test_export_computes_what_the_cut_model_computes(tmp_path_factory, data, seed, layers, kv, group, mlp, tied, bias):
-    model, adapter = _cut(seed, data, bias, layers=layers, heads=kv * group, kv_heads=kv, mlp=mlp, tied=tied)
+       group=st.integers(1, 3), mlp=st.integers(4, 300), tied=st.booleans(), bias=st.booleans(),
+       family=st.sampled_from(["llama", "mistral", "qwen2"]))
+def test_export_computes_what_the_cut_model_computes(tmp_path_factory, data, seed, layers, kv, group, mlp, tied, bias,
+                                                     family):
+    """Llama (with or without its optional biases), Mistral (window never binding), Qwen2 (q/k/v biases)."""
+    model, adapter = _cut(seed, data, bias and family == "llama", family, layers=layers, heads=kv * group,
+                          kv_heads=kv, mlp=mlp, tied=tied)
     ids = torch.randint(0, 96, (2, 12))
     expected = outputs(model, ids)
     config, state, blocks = nemotron_nas(model, adapter)
@@ -171,6 +175,14 @@ def test_export_of_a_pruned_folder(model_dir, tmp_path):
     assert (out / "tokenizer.json").is_file() and (out / "lopper_plan.json").is_file()
     assert main(["export", str(pruned), "--out", str(out), "--quiet"]) == 2  # exists: needs --force
     assert main(["export", str(pruned), "--out", str(out), "--quiet", "--force"]) == 0
-    with pytest.raises(LopperError, match="Llama-family"):
-        export(model=str(model_dir("qwen2")), out=str(tmp_path / "q"), quiet=True)
+    with pytest.raises(LopperError, match="qwen3"):  # q/k norms: not in the layout
+        export(model=str(model_dir("qwen3")), out=str(tmp_path / "q"), quiet=True)
     assert not (tmp_path / "q").exists()
+
+
+def test_a_binding_sliding_window_is_refused(model_copy, tmp_path):
+    src = model_copy("mistral")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "sliding_window": 16}))
+    with pytest.raises(LopperError, match="sliding window of 16"):
+        export(model=str(src), out=str(tmp_path / "m"), quiet=True)

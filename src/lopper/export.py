@@ -39,6 +39,7 @@ from .io import (PLAN_FILE, _add_legacy_config_keys, check_output, copy_side_fil
 
 log = logging.getLogger("lopper")
 FORMATS = ("nemotron-nas",)
+FAMILIES = ("llama", "mistral", "qwen2")
 # NVIDIA's configuration and modeling code for the layout, referenced as "repo--module.Class" (transformers fetches
 # it with trust_remote_code=True); nothing of it is copied here.
 REMOTE_CODE = "nvidia/Llama-3_3-Nemotron-Super-49B-v1"
@@ -79,7 +80,7 @@ def export(args: ExportArgs | None = None, /, **kwargs) -> dict:
         raise LopperError("no --out given: name the output folder")
     check_output(args.out, args.force, args.model)  # before the load: fail fast on a taken folder or a wrong family
     source = read_config(args.model)
-    _check_family(source.model_type)
+    _check_family(source)
     _quiet(args.quiet)
     dtype = getattr(source, "dtype", None)
     model, tok, adapter = load_model(args.model, "cpu", str(dtype).removeprefix("torch.") if dtype else "float32")
@@ -113,10 +114,10 @@ def write_state(state: dict[str, torch.Tensor], folder: Path, max_shard: str = "
 
 
 def nemotron_nas(model, adapter) -> tuple[dict, dict[str, torch.Tensor], list[dict]]:
-    """(config.json as a dict, the tensors by name, one summary per block) of a Llama-family `model` with any
+    """(config.json as a dict, the tensors by name, one summary per block) of a `model` of FAMILIES with any
     per-layer widths, padded to the layout's rules."""
     c = adapter.config
-    _check_family(c.model_type)
+    _check_family(c)
     hidden, d = adapter.hidden_size(), adapter.head_dim()
     widths = [adapter.layer_widths(layer) for layer in adapter.layers()]
     n_heads = _query_heads(widths, hidden, d, c.num_attention_heads)
@@ -124,19 +125,24 @@ def nemotron_nas(model, adapter) -> tuple[dict, dict[str, torch.Tensor], list[di
     state = dict(model.state_dict())
     if getattr(c, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
+    bias = any(adapter.attention(layer).q_proj.bias is not None for layer in adapter.layers())
     blocks, summary = [], []
     with torch.no_grad():
         for layer, w in zip(adapter.layers(), widths):
             attn = _pad_attention(adapter, layer, w, n_heads, state, names)
+            o = adapter.attention(layer).o_proj
+            if not attn["no_op"] and bias and o.bias is None:  # the layout's attention_bias covers o_proj too
+                state[names[id(o)] + ".bias"] = o.weight.new_zeros(o.weight.shape[0])
             mlp = _pad_mlp(adapter, layer, w, state, names, hidden, keep=not attn["no_op"])
             blocks.append({"attention": attn, "ffn": mlp})
             summary.append({"heads": w["heads"], "kv_heads": w["kv_heads"], "mlp": w["mlp"],
                             "kv_heads_written": 0 if attn["no_op"] else n_heads // attn["n_heads_in_group"],
                             "mlp_written": 0 if mlp["no_op"] else ffn_width(mlp["ffn_mult"], hidden)})
     config = c.to_dict()
-    for k in ("num_key_value_heads", "intermediate_size", "lopper_layout", "auto_map", "layer_types"):
+    for k in ("num_key_value_heads", "intermediate_size", "lopper_layout", "auto_map", "layer_types", "sliding_window",
+              "use_sliding_window", "max_window_layers"):
         config.pop(k, None)
-    config.update(architectures=["DeciLMForCausalLM"], model_type="nemotron-nas", block_configs=blocks,
+    config.update(attention_bias=bias, architectures=["DeciLMForCausalLM"], model_type="nemotron-nas", block_configs=blocks,
                   hidden_size=hidden, head_dim=d, num_attention_heads=n_heads, num_hidden_layers=len(blocks),
                   rms_norm_eps=adapter.final_norms()[0].variance_epsilon,
                   auto_map={"AutoConfig": f"{REMOTE_CODE}--configuration_decilm.DeciLMConfig",
@@ -144,10 +150,17 @@ def nemotron_nas(model, adapter) -> tuple[dict, dict[str, torch.Tensor], list[di
     return config, state, summary
 
 
-def _check_family(model_type: str) -> None:
-    if model_type != "llama":
-        raise LopperError(f"--format nemotron-nas writes Llama-family models and this one is {model_type!r}: "
-                          "export a Llama model, or keep the lopper folder (lopper.load())")
+def _check_family(config) -> None:
+    """Llama, and the families that are Llama plus what the layout can carry: Mistral whose sliding window never
+    binds, Qwen2 (q/k/v biases; o_proj gets a zero one) without sliding-window layers."""
+    if config.model_type not in FAMILIES:
+        raise LopperError(f"--format nemotron-nas writes {', '.join(FAMILIES)} models and this one is "
+                          f"{config.model_type!r}: keep the lopper folder (lopper.load())")
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+    if window is not None and window < config.max_position_embeddings:
+        raise LopperError(f"this {config.model_type} model attends within a sliding window of {window} tokens "
+                          f"(of {config.max_position_embeddings}), which the nemotron-nas layout cannot say: keep the "
+                          "lopper folder (lopper.load())")
 
 
 def _query_heads(widths: list[dict], hidden: int, d: int, most: int) -> int:
