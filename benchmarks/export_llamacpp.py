@@ -3,9 +3,11 @@
 Prunes ../shared/models/ref-llama to 25% of its non-embedding parameters with per-layer widths (`--params 0.25
 --allocation global --repair lsq`), exports it, converts the export with llama.cpp's own convert_hf_to_gguf.py (f32)
 and runs it with llama.cpp (the llama-cpp-python bindings), then compares the logits on the first --windows windows
-of 512 tokens of WikiText-2 raw test with lopper.load() of the pruned folder. A second model has empty parts, the
-layout's no_op cases: layer 3 without attention, layer 9 without MLP, layer 12 without either. Writes JSON and a
-Markdown table.
+of 512 tokens of WikiText-2 raw test with lopper.load() of the pruned folder (llama.cpp with an f32 KV cache, so that
+only the order of float32 sums differs). A second model has empty parts, the layout's no_op cases: layer 3 without
+attention, layer 9 without MLP, layer 12 without either. Two more are tiny random Qwen2 (q/k/v biases) and Mistral
+models from tests/tiny.py (4 layers, 4 heads of 32 in 2 KV groups, MLP 300), 30% removed with global widths, compared
+on 40 random token ids. Writes JSON and a Markdown table.
 
 ref-llama's tokenizer is a GPT-2 style byte-level BPE, which llama.cpp's DeciLM converter does not look for (it knows
 Llama-3's and Llama-HF tokenizers), so the converter runs with its generic GPT-2 vocabulary writer; the token ids fed
@@ -38,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT / "tests"))
 from test_export import _empty  # noqa: E402  (the same cut the unit test reads back)
+from tiny import save_tiny  # noqa: E402
 import quality  # noqa: E402  (benchmarks/: its machine description)
 
 CONVERT = """
@@ -79,10 +82,21 @@ def with_empty_parts(pruned: Path, out: Path) -> torch.nn.Module:
     return model
 
 
+def tiny_case(family: str, tmp: Path):
+    """(export folder, reference model, one window of 40 random ids) for a tiny random model of `family`."""
+    src = save_tiny(tmp / f"{family}-src", family, seed=1, layers=4, heads=4, kv_heads=2, head_dim=32, mlp=300, init=0.2)
+    pruned, nas = tmp / f"{family}-pruned", tmp / f"{family}-nas"
+    lopper.prune(model=str(src), out=str(pruned), params=0.3, allocation="global", repair="lsq", calib_samples=8,
+                 seq_len=32, quiet=True)
+    lopper.export(model=str(pruned), out=str(nas), quiet=True)
+    return nas, lopper.load(str(pruned)), [torch.randint(4, 96, (40,), generator=torch.Generator().manual_seed(0)).tolist()]
+
+
 def compare(reference, gguf: Path, windows: list[list[int]]) -> dict:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf), n_ctx=512, n_batch=512, logits_all=True, n_threads=2, verbose=False)
+    llm = Llama(model_path=str(gguf), n_ctx=512, n_batch=512, logits_all=True, n_threads=2, verbose=False,
+                type_k=0, type_v=0)  # GGML_TYPE_F32: llama.cpp's default f16 KV cache adds ~1e-3 relative error
     worst, nll_cpp, nll_ref, count = 0.0, 0.0, 0.0, 0
     for ids in windows:
         llm.reset()
@@ -110,9 +124,12 @@ def main() -> None:
     tok = transformers.AutoTokenizer.from_pretrained(str(pruned))
     ids = tok(Path(args.text).read_text()[:400_000], add_special_tokens=False)["input_ids"]
     windows = [ids[w * 512:(w + 1) * 512] for w in range(args.windows)]
+    cases = [("ref-llama, 25% removed, global widths", nas, lopper.load(str(pruned)), windows),
+             ("same, layer 3 no attention, 9 no MLP, 12 neither", tmp / "nas-empty", empty, windows)]
+    for family in ("qwen2", "mistral"):
+        cases.append((f"tiny random {family}, 30% removed, global widths", *tiny_case(family, tmp)))
     rows = []
-    for name, folder, reference in (("25% removed, global widths", nas, lopper.load(str(pruned))),
-                                    ("same, layer 3 no attention, 9 no MLP, 12 neither", tmp / "nas-empty", empty)):
+    for name, folder, reference, windows in cases:
         gguf = folder.with_suffix(".gguf")
         subprocess.run([sys.executable, "-c", CONVERT, args.llama_cpp, str(folder), "--outfile", str(gguf),
                         "--outtype", "f32"], check=True, capture_output=True)
@@ -129,9 +146,11 @@ def main() -> None:
              f"--format nemotron-nas` ({report['padding_params']:,} parameters of zero padding on "
              f"{report['params_before']:,}), converted by llama.cpp's convert_hf_to_gguf.py (f32) and run by llama.cpp; "
              f"logits compared with lopper.load() on the first {args.windows} windows of 512 tokens of WikiText-2 raw "
-             "test (the same token ids on both sides).", "",
+             "test (the same token ids on both sides; llama.cpp with an f32 KV cache). The tiny random Qwen2 and "
+             "Mistral models (tests/tiny.py, 4 layers, 30% removed with global widths) are compared on 40 random "
+             "token ids.", "",
              "| model | max abs logit difference | perplexity, llama.cpp | perplexity, lopper |", "|---|---:|---:|---:|"]
-    lines += [f"| {r['model']} | {r['max_abs_logit_diff']:.4f} | {r['perplexity_llama_cpp']:.3f} | "
+    lines += [f"| {r['model']} | {r['max_abs_logit_diff']:.1e} | {r['perplexity_llama_cpp']:.3f} | "
               f"{r['perplexity_lopper']:.3f} |" for r in rows]
     lines += ["", f"Command: `{command}`", "", f"Machine: {machine}."]
     Path(args.doc).write_text("\n".join(lines) + "\n")
