@@ -33,8 +33,8 @@ import torch
 import transformers
 
 import lopper
-from lopper.export import nemotron_nas, write_state
-from lopper.io import copy_side_files, load_model
+from lopper.export import ExportArgs, save_export
+from lopper.io import load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -74,11 +74,7 @@ def with_empty_parts(pruned: Path, out: Path) -> torch.nn.Module:
     _empty(layers[3], attention=True, mlp=False)
     _empty(layers[9], attention=False, mlp=True)
     _empty(layers[12], attention=True, mlp=True)
-    config, state, _ = nemotron_nas(model, adapter)
-    out.mkdir()
-    write_state(state, out)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    copy_side_files(str(pruned), out, tok)
+    save_export(model, tok, adapter, ExportArgs(model=str(pruned), out=str(out), quiet=True))
     return model
 
 

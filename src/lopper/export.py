@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
 from . import __version__
-from .api import _args, _opt, _quiet
+from .api import _args, _checkpoint_dtype, _opt, _quiet
 from .errors import LopperError
 from .evaluate import count_params
 from .io import (PLAN_FILE, _add_legacy_config_keys, check_output, copy_side_files, load_model, read_config,
@@ -71,7 +72,7 @@ def ffn_mult(width: int, hidden: int) -> float:
 
 
 def export(args: ExportArgs | None = None, /, **kwargs) -> dict:
-    """Load `args.model` (any lopper output or standard Llama folder), write it in `args.format` to `args.out`
+    """Load `args.model` (a lopper output or standard folder of FAMILIES), write it in `args.format` to `args.out`
     (temporary folder, then rename); returns the report also written as lopper_export.json."""
     args = _args(ExportArgs, args, kwargs)
     if args.format not in FORMATS:
@@ -82,8 +83,14 @@ def export(args: ExportArgs | None = None, /, **kwargs) -> dict:
     source = read_config(args.model)
     _check_family(source)
     _quiet(args.quiet)
-    dtype = getattr(source, "dtype", None)
+    dtype = _checkpoint_dtype(source)
     model, tok, adapter = load_model(args.model, "cpu", str(dtype).removeprefix("torch.") if dtype else "float32")
+    return save_export(model, tok, adapter, args)
+
+
+def save_export(model, tok, adapter, args: ExportArgs) -> dict:
+    """Write a loaded `model` (read from args.model, perhaps cut further in memory) as `args.out` in the layout;
+    returns the report also written as lopper_export.json."""
     config, state, blocks = nemotron_nas(model, adapter)
     before = count_params(model, adapter)["params"]
     after = sum(t.numel() for t in state.values())
@@ -97,7 +104,7 @@ def export(args: ExportArgs | None = None, /, **kwargs) -> dict:
         copy_side_files(args.model, tmp, tok)
         for name in (PLAN_FILE, "generation_config.json"):
             if (Path(args.model) / name).is_file():
-                (tmp / name).write_bytes((Path(args.model) / name).read_bytes())
+                shutil.copy2(Path(args.model) / name, tmp / name)
         (tmp / EXPORT_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     log.info("params: %s -> %s (%s of padding)", f"{before:,}", f"{after:,}", f"{after - before:,}")
     return report
@@ -129,10 +136,7 @@ def nemotron_nas(model, adapter) -> tuple[dict, dict[str, torch.Tensor], list[di
     blocks, summary = [], []
     with torch.no_grad():
         for layer, w in zip(adapter.layers(), widths):
-            attn = _pad_attention(adapter, layer, w, n_heads, state, names)
-            o = adapter.attention(layer).o_proj
-            if not attn["no_op"] and bias and o.bias is None:  # the layout's attention_bias covers o_proj too
-                state[names[id(o)] + ".bias"] = o.weight.new_zeros(o.weight.shape[0])
+            attn = _pad_attention(adapter, layer, w, n_heads, state, names, bias)
             mlp = _pad_mlp(adapter, layer, w, state, names, hidden, keep=not attn["no_op"])
             blocks.append({"attention": attn, "ffn": mlp})
             summary.append({"heads": w["heads"], "kv_heads": w["kv_heads"], "mlp": w["mlp"],
@@ -191,7 +195,9 @@ def _padding(h: int, need: list[tuple[int, int]]) -> int | None:
     return None if None in groups else sum(h - k * n + g - k for (k, n), g in zip(need, groups))
 
 
-def _pad_attention(adapter, layer, w: dict, n_heads: int, state: dict, names: dict) -> dict:
+def _pad_attention(adapter, layer, w: dict, n_heads: int, state: dict, names: dict, bias: bool) -> dict:
+    """`bias`: the model's q/k/v have biases; the layout's attention_bias then gives o_proj one too (zero if absent,
+    as in Qwen2)."""
     a = adapter.attention(layer)
     if not w["heads"]:
         _drop(state, names, [a, *adapter.layer_norms(layer)[:1]])
@@ -208,6 +214,8 @@ def _pad_attention(adapter, layer, w: dict, n_heads: int, state: dict, names: di
     new = o.new_zeros(o.shape[0], groups, per, d)
     new[:, :k, :n] = o.reshape(o.shape[0], k, n, d)
     state[names[id(a.o_proj)] + ".weight"] = new.reshape(o.shape[0], -1)
+    if bias and a.o_proj.bias is None:
+        state[names[id(a.o_proj)] + ".bias"] = o.new_zeros(o.shape[0])
     return {"n_heads_in_group": per, "no_op": False, "replace_with_linear": False}
 
 
