@@ -22,7 +22,7 @@ from lopper.select import Target, choose
 from test_equivalence import ATTN, INIT, check_pruned_equals_masked
 from tiny import tiny_model, tiny_tokenizer
 
-FAST = dict(calib_samples=4, seq_len=32, quiet=True)
+FAST = dict(calib_samples=4, seq_len=32, quiet=True, repair="none")  # exact equality with the masked original
 
 
 def skew(model, seed: int, spread: float = 2.0):
@@ -170,11 +170,11 @@ def test_repair_chosen_channels_are_saved_and_replay(tmp_path):
     dry = lopper.plan(model=str(src), out=str(tmp_path / "plan.json"), mlp=0.5, allocation="global", round_to=4,
                       **FAST)
     out, again = tmp_path / "out", tmp_path / "again"
-    lopper.prune(model=str(src), out=str(out), mlp=0.5, allocation="global", round_to=4, repair="lsq", **FAST)
+    lopper.prune(model=str(src), out=str(out), mlp=0.5, allocation="global", round_to=4, **{**FAST, "repair": "lsq"})
     saved = Plan.load(out / "lopper_plan.json")
     assert saved.widths() == dry.widths()
     assert "OBS" in saved.meta["units"]
-    lopper.prune(model=str(src), out=str(again), plan=str(out / "lopper_plan.json"), repair="lsq", **FAST)
+    lopper.prune(model=str(src), out=str(again), plan=str(out / "lopper_plan.json"), **{**FAST, "repair": "lsq"})
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
     assert torch.allclose(logits(lopper.load(str(again)), ids), logits(lopper.load(str(out)), ids), atol=1e-5)
 
@@ -197,7 +197,7 @@ def test_params_with_global_allocation_drops_layers_only_past_the_measured_thres
     src = model_dir("llama", layers=16, mlp=64)
     report = lopper.plan(model=str(src), out=str(tmp_path / "plan.json"), params=frac, allocation="global",
                          round_to=4, **FAST)
-    assert 16 - len(report.layers) == layers  # none up to 35%, then 1.25 x the excess (select.global_depth_share)
+    assert 16 - len(report.layers) == layers  # none up to 35%, then 1.25 x the excess (select.depth_share)
     assert report.meta["params"]["choice"]["drop_layers"] == layers
     assert abs(report.meta["params"]["removed"] - frac) <= 0.02
 

@@ -341,7 +341,7 @@ def test_replay_without_the_masks_file_is_refused(src, tmp_path):
 
 
 def test_dry_run_plan_records_settings_and_prune_applies_them(src, tmp_path):
-    kw = dict(mlp=0.25, sparsity=0.5, sparsity_criterion="wanda", sparsity_scope="layer")
+    kw = dict(mlp=0.25, sparsity=0.5, sparsity_criterion="wanda", sparsity_scope="layer", repair_units="plan")
     plan = lopper.plan(model=str(src), out=str(tmp_path / "plan.json"), **kw, **FAST)
     assert plan.sparsity["sparsity"] == 0.5 and "masks" not in plan.sparsity
     lopper.prune(model=str(src), out=str(tmp_path / "a"), plan=str(tmp_path / "plan.json"), **FAST)
@@ -413,7 +413,7 @@ def test_bad_sparsity_settings_are_refused(src, tmp_path, kw, message):
 
 def test_a_replayed_structured_plan_can_get_sparsity_but_a_sparse_plan_keeps_its_own(src, tmp_path):
     lopper.plan(model=str(src), out=str(tmp_path / "plan.json"), mlp=0.5, **FAST)
-    kw = dict(sparsity=0.5, sparsity_criterion="sparsegpt")
+    kw = dict(sparsity=0.5, sparsity_criterion="sparsegpt", repair_units="plan")
     lopper.prune(model=str(src), out=str(tmp_path / "a"), plan=str(tmp_path / "plan.json"), **kw, **FAST)
     lopper.prune(model=str(src), out=str(tmp_path / "b"), mlp=0.5, **kw, **FAST)
     a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")

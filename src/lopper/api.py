@@ -6,7 +6,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -16,10 +16,11 @@ from . import __version__
 from .errors import LopperError
 from .evaluate import calibration_loss, count_params, perplexity, planned_params, weights_size
 from .importance import collect, width_scores
-from .io import check_output, load_model, read_config, resolve_dtype, save
+from .io import check_output, load_model, model_source, read_config, resolve_dtype, save
 from .plan import Plan
 from .repair import repair
 from . import sparsity as sp
+from . import zeroshot
 from .select import Target, choose, default_round_to, solve_params
 from .surgery import apply, silenced
 from .text import calibration_windows
@@ -35,7 +36,8 @@ def _opt(default, help: str, **kw):
 class Selection:
     """What to remove and how to choose it; shared by `plan` and `prune`."""
 
-    model: str = _opt("", "Hugging Face model folder or hub id", positional=True)
+    model: str = _opt("", "Hugging Face model folder, hub id or .gguf file", positional=True)
+    gguf_file: str = _opt("", "read this .gguf file inside the MODEL folder (dequantized)")
     drop_layers: int = _opt(0, "decoder/encoder layers to remove")
     heads: float = _opt(0.0, "fraction of attention heads to remove (whole KV groups when a multiple of 1/kv_heads)")
     mlp: float = _opt(0.0, "fraction of MLP channels to remove")
@@ -57,9 +59,13 @@ class Selection:
                              "the LM loss, one backward per window; fluctuation: FLAP's input variance x squared "
                              "weight column)",
                              choices=("magnitude", "activation", "fisher", "fluctuation"))
-    params_search: str = _opt("half", "how --params splits depth and width: half = half the cut by depth (none with --allocation global); loss = "
-                              "try 0-100%% depth and keep the lowest calibration loss (slower)", choices=("half", "loss"))
-    repair: str = _opt("none", "after cutting: lsq = least-squares refit of output projections", choices=("none", "lsq"))
+    params_search: str = _opt("rule", "how --params splits depth and width: rule = width only up to 35%% of the "
+                              "parameters, then 1.25 x the excess as whole layers (select.depth_share); loss = try "
+                              "0-100%% depth and keep the lowest calibration loss (slower)", choices=("rule", "loss"))
+    repair: str = _opt("auto", "after cutting: lsq = least-squares refit of output projections on calibration text; "
+                       "auto (default) = lsq whenever something is removed and the model has a tokenizer (a "
+                       "replayed --plan: as its run did); none = off",
+                       choices=("auto", "none", "lsq"))
     repair_damp: float = _opt(0.001, "ridge term of --repair lsq, a fraction of the mean diagonal of each Gram matrix")
     repair_units: str = _opt("obs", "with --repair lsq: obs = the repair re-chooses which MLP channels each layer "
                              "keeps (the plan's counts) by greedy OBS on its calibration inputs, and the saved plan "
@@ -82,7 +88,7 @@ class Selection:
     round_to: int = _opt(0, "kept widths are multiples of this (0: from the model's size, --device and --dtype)")
     allocation: str = _opt("uniform", "per-layer widths: uniform (a standard checkpoint), or global (one ranking of "
                            "each structure's units across layers; widths differ, saved in a lopper layout that "
-                           "lopper.load() rebuilds)", choices=("uniform", "global"))
+                           "lopper.load() rebuilds; not recommended on real models: docs/allocation.md)", choices=("uniform", "global"))
     min_keep: float = _opt(0.25, "with --allocation global: every layer keeps at least this fraction of each width")
     device: str = _opt("cpu", "cpu or cuda")
     dtype: str = _opt("auto", "compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
@@ -122,6 +128,8 @@ class Selection:
         if not 0.0 <= self.repair_correct <= 1.0:
             raise LopperError(f"--repair-correct {self.repair_correct} is out of range: give a share 0 <= A <= 1, "
                               "e.g. 0.3 (0: each layer reconstructs its own output only)")
+        if self.repair not in ("auto", "none", "lsq"):
+            raise LopperError(f"--repair {self.repair!r} is unknown: use auto, lsq or none")
         if self.repair_units not in ("obs", "plan"):
             raise LopperError(f"--repair-units {self.repair_units!r} is unknown: use obs or plan")
         if self.width_metric not in ("magnitude", "activation", "fisher", "fluctuation"):
@@ -148,7 +156,8 @@ class PruneArgs(Selection):
 
 @dataclass(kw_only=True)
 class EvalArgs:
-    model: str = _opt("", "model folder (standard or saved by lopper)", positional=True)
+    model: str = _opt("", "model folder (standard or saved by lopper) or .gguf file", positional=True)
+    gguf_file: str = _opt("", "read this .gguf file inside the MODEL folder (dequantized)")
     text: str = _opt("", "text file for perplexity (causal LMs)")
     seq_len: int = _opt(512, "tokens per non-overlapping window")
     max_tokens: int = _opt(0, "cap on tokens read (0: all)")
@@ -156,6 +165,12 @@ class EvalArgs:
     dtype: str = _opt("auto", "compute dtype")
     json: str = _opt("", "also write the results to this JSON file")
     quiet: bool = _opt(False, "no progress bars")
+    tasks: str = _opt("", "zero-shot tasks through lm-evaluation-harness, comma separated: lambada (lambada_openai), "
+                      "hellaswag, piqa, arc_easy, arc_challenge or any lm-eval task name (needs lopper[eval])")
+    limit: int = _opt(0, "with --tasks: the first N examples of each task (0: all)")
+    task_data: str = _opt("", "with --tasks: read the data from this local folder (layout: docs/zeroshot.md) "
+                          "instead of the Hugging Face hub")
+    batch: int = _opt(8, "with --tasks: batch size of the log-likelihood requests")
 
 
 def _args(cls, args, kwargs):
@@ -164,6 +179,19 @@ def _args(cls, args, kwargs):
     if kwargs:
         raise TypeError("pass either an arguments dataclass or keywords, not both")
     return args
+
+
+def resolve_repair(args: Selection, tokenizer) -> Selection:
+    """`--repair auto` made concrete. Least squares is on whenever the selection removes something and calibration
+    text can be tokenized: on a real model it is most of lopper's quality (docs/quality.md). A replayed --plan
+    repairs as the run that saved it did (plan meta "repair"; absent in older plans: none), so replay reproduces."""
+    if args.repair != "auto":
+        return args
+    if args.plan:
+        return replace(args, repair=Plan.load(args.plan).meta.get("repair", "none"))
+    removes = (args.params or args.target_speedup or args.drop_layers or args.heads or args.mlp or args.hidden
+               or args.experts)
+    return replace(args, repair="lsq" if removes and tokenizer is not None else "none")
 
 
 def calibration(args: Selection, model, tokenizer) -> list[torch.Tensor] | None:
@@ -240,8 +268,9 @@ def _candidate_loss(args: Selection, model, adapter, windows: list[torch.Tensor]
 
 
 def run_repair(args: Selection, model, adapter, p: Plan, windows: list[torch.Tensor], quiet: bool) -> None:
-    """`--repair lsq` with the options in `args`; a replayed --plan keeps its channels, else (--repair-units obs)
-    the repair re-chooses the MLP channels in `p` and says so in its meta."""
+    """`--repair lsq` with the options in `args`; a replayed --plan keeps its channels (a plan is what is kept),
+    else (--repair-units obs) the repair re-chooses the MLP channels in `p` and says so in its meta. So `lopper plan`
+    predicts a direct prune's counts exactly and its MLP channels only with --repair-units plan or --repair none."""
     reselect = args.repair_units == "obs" and not args.plan
     repair(model, adapter, p, windows, damp=args.repair_damp, correct=args.repair_correct, reselect=reselect,
            quiet=quiet)
@@ -259,9 +288,12 @@ def plan(args: PlanArgs | None = None, /, **kwargs) -> Plan:
     if out.exists() and not args.force:
         raise LopperError(f"--out {out} already exists: choose another path or pass --force")
     _quiet(args.quiet)
-    model, tok, adapter = load_model(args.model, args.device, args.dtype)
+    source = model_source(args.model, args.gguf_file)
+    model, tok, adapter = load_model(source, args.device, args.dtype)
+    args = resolve_repair(args, tok)
     p = make_plan(args, model, adapter, calibration(args, model, tok))
-    p.meta["source"] = args.model
+    p.meta["source"] = source
+    p.meta["repair"] = args.repair  # what `prune --plan` with --repair auto replays
     p.meta["predicted"] = planned_params(model, type(adapter), p)
     p.sparsity = sp.plan_settings(args) or p.sparsity
     tmp = out.with_name(f".{out.name}.tmp")
@@ -276,23 +308,26 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     args.check()
     if not args.out:
         raise LopperError("no --out given: name the output folder")
-    check_output(args.out, args.force, args.model)
+    source = model_source(args.model, args.gguf_file)
+    check_output(args.out, args.force, source)
     _quiet(args.quiet)
     t0 = time.time()
-    saved_dtype = _checkpoint_dtype(read_config(args.model))
-    model, tok, adapter = load_model(args.model, args.device, args.dtype)
+    saved_dtype = _checkpoint_dtype(read_config(source))  # a GGUF's: io.gguf_dtype
+    model, tok, adapter = load_model(source, args.device, args.dtype)
+    args = resolve_repair(args, tok)
     before = {**count_params(model, adapter), "structures": structures(adapter)}
     ppl_before = _maybe_ppl(model, tok, args)
     windows = calibration(args, model, tok)
     p = make_plan(args, model, adapter, windows)
-    p.meta["source"] = args.model
+    p.meta["source"] = source
+    p.meta["repair"] = args.repair
     if args.repair == "lsq":
         run_repair(args, model, adapter, p, windows, quiet=args.quiet)
     standard = apply(model, adapter, p)
     sparse = sp.for_prune(args, p, model, adapter, windows)
     after = {**count_params(model, adapter), "structures": structures(adapter)}
     report = {
-        "lopper_version": __version__, "source": args.model, "standard_checkpoint": standard,
+        "lopper_version": __version__, "source": source, "standard_checkpoint": standard,
         "params_before": before["params"], "params_after": after["params"],
         "params_non_embedding_before": before["params_non_embedding"],
         "params_non_embedding_after": after["params_non_embedding"],
@@ -306,31 +341,42 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     if sparse:
         report["sparsity"] = sparse.report(model, adapter)
     report["seconds"] = round(time.time() - t0, 2)
-    out = save(model, args.out, source=args.model, tokenizer=tok, plan=p, report=report, dtype=saved_dtype,
+    out = save(model, args.out, source=source, tokenizer=tok, plan=p, report=report, dtype=saved_dtype,
                force=args.force, files=sparse.files() if sparse else None)
     report["size_bytes_after"] = weights_size(out)
-    if Path(args.model).is_dir():
-        report["size_bytes_before"] = weights_size(args.model)
+    if Path(source).exists():  # a folder, or a .gguf file
+        report["size_bytes_before"] = weights_size(source)
     (out / "lopper_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
 def evaluate(args: EvalArgs | None = None, /, **kwargs) -> dict:
-    """Parameters, size on disk and (for causal LMs, with --text) perplexity."""
+    """Parameters, size on disk and (for causal LMs) perplexity on --text and zero-shot accuracy on --tasks."""
     args = _args(EvalArgs, args, kwargs)
     if not args.model:
         raise LopperError("no model given: pass a model folder")
+    if (args.limit or args.task_data) and not args.tasks:
+        raise LopperError("--limit and --task-data apply to zero-shot tasks: add --tasks, e.g. --tasks lambada,piqa")
+    names = zeroshot.check(args.tasks, args.task_data, args.limit, args.batch) if args.tasks else []
     _quiet(args.quiet)
-    model, tok, adapter = load_model(args.model, args.device, args.dtype)
-    result = {"model": args.model, **count_params(model, adapter), "structures": structures(adapter)}
-    if Path(args.model).is_dir():
-        result["size_bytes"] = weights_size(args.model)
+    source = model_source(args.model, args.gguf_file)
+    model, tok, adapter = load_model(source, args.device, args.dtype)
+    result = {"model": source, **count_params(model, adapter), "structures": structures(adapter)}
+    if Path(source).exists():  # a folder, or a .gguf file
+        result["size_bytes"] = weights_size(source)
     if args.text:
         if adapter.is_encoder or not hasattr(model, "lm_head"):
             raise LopperError(f"{args.model} is not a causal LM, so it has no perplexity: drop --text")
         if tok is None:
             raise LopperError(f"{args.model} has no tokenizer files: add them to measure perplexity")
         result.update(perplexity(model, tok, args.text, args.seq_len, args.max_tokens, args.quiet))
+    if names:
+        if adapter.is_encoder or not hasattr(model, "lm_head"):
+            raise LopperError(f"{args.model} is not a causal LM, so lm-eval's zero-shot tasks do not apply: drop "
+                              "--tasks")
+        if tok is None:
+            raise LopperError(f"{args.model} has no tokenizer files: add them to run --tasks")
+        result["zeroshot"] = zeroshot.run(model, tok, names, args.task_data, args.limit, args.batch, args.quiet)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return result

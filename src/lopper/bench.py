@@ -50,7 +50,8 @@ log = logging.getLogger("lopper")
 @dataclass(kw_only=True)
 class BenchArgs:
     models: list[str] = field(default_factory=list, metadata={
-        "help": "model folders (standard or saved by lopper); ratios are against the first", "positional": True})
+        "help": "model folders (standard or saved by lopper) or .gguf files; ratios are against the first",
+        "positional": True})
     device: str = _opt("cpu", "cpu or cuda", choices=("cpu", "cuda"))
     dtype: str = _opt("auto", "compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
     batch: int = _opt(8, "batch B of the prefill and of the second decode figure")
@@ -182,7 +183,7 @@ def _load(path: str, args: BenchArgs):
                           "give a smaller --prompt-len")
     r = {"model": path, "model_type": model.config.model_type, "encoder": not causal,
          **static_figures(model, adapter, args.prompt_len)}
-    if Path(path).is_dir():
+    if Path(path).exists():  # a folder, or a .gguf file
         r["weights_bytes_disk"] = weights_size(path)
     return model, causal, r
 

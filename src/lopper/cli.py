@@ -6,7 +6,7 @@ import json
 import sys
 from dataclasses import MISSING, fields
 
-from . import api
+from . import api, zeroshot
 from .errors import LopperError
 from .bench import BenchArgs, bench
 from .export import ExportArgs, export
@@ -15,7 +15,8 @@ from .heal import HealArgs, heal
 COMMANDS = {
     "plan": (api.PlanArgs, api.plan, "score and choose what to remove; write the plan JSON without cutting"),
     "prune": (api.PruneArgs, api.prune, "prune a model and save a standard checkpoint with plan and report"),
-    "eval": (api.EvalArgs, api.evaluate, "parameters, size on disk and perplexity of a model folder"),
+    "eval": (api.EvalArgs, api.evaluate, "parameters, size on disk, perplexity and zero-shot accuracy (lm-eval) of a "
+             "model folder"),
     "heal": (HealArgs, heal, "distil or fine-tune a pruned model toward the original; save a standard checkpoint"),
     "bench": (BenchArgs, bench, "parameters, FLOPs, size, memory, prefill and decode speed of models, with ratios"),
     "export": (ExportArgs, export, "rewrite a pruned model in a layout serving engines read with per-layer widths "
@@ -81,6 +82,9 @@ def _print_summary(command: str, result) -> None:
     elif command == "bench":
         if not result["args"]["quiet"]:
             print(result["markdown"])
+    elif command == "eval" and "zeroshot" in result:
+        print(json.dumps({k: v for k, v in result.items() if k != "zeroshot"}, indent=1))
+        print(zeroshot.table(result["zeroshot"]))
     else:
         print(json.dumps(result, indent=1))
 

@@ -41,7 +41,9 @@ def planned_params(model: nn.Module, adapter_cls: type[Adapter], plan: Plan) -> 
 
 
 def weights_size(folder: str | Path) -> int:
-    """Bytes of weight files in a model folder."""
+    """Bytes of weight files in a model folder, or of one weights file (a .gguf)."""
+    if Path(folder).is_file():
+        return Path(folder).stat().st_size
     files = [f for f in Path(folder).iterdir() if f.suffix in (".safetensors", ".bin", ".pt", ".pth")]
     return sum(f.stat().st_size for f in files)
 

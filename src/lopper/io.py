@@ -1,19 +1,22 @@
 """Load a model for pruning, and save a pruned one atomically (temporary folder, then rename)."""
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
 import torch
 import transformers
 from accelerate import init_empty_weights
 from safetensors.torch import load_file
+from transformers.utils import is_gguf_available
 
 from .arch import SUPPORTED, Adapter, adapter_class
-from .errors import LopperError
+from .errors import LopperError, one_line
 from .plan import Plan
 
 PLAN_FILE = "lopper_plan.json"
@@ -37,14 +40,103 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 
 
 def read_config(source: str):
+    if is_gguf(source):
+        gguf_location(source)  # exists, and gguf is installed
+        stat = Path(source).stat()
+        return copy.deepcopy(_gguf_config(str(Path(source).resolve()), stat.st_mtime_ns, stat.st_size))
     p = Path(source)
     if p.exists() and not (p / "config.json").is_file():
         raise LopperError(f"{source} has no config.json: point at a Hugging Face model folder")
     try:
         return transformers.AutoConfig.from_pretrained(source)
     except (OSError, ValueError) as e:
-        raise LopperError(f"cannot read the config of {source} ({_one_line(e)}): give a local model folder or a hub "
+        raise LopperError(f"cannot read the config of {source} ({one_line(e)}): give a local model folder or a hub "
                           "id that is in the local cache")
+
+
+def is_gguf(source: str) -> bool:
+    return str(source).lower().endswith(".gguf")
+
+
+def model_source(model: str, gguf_file: str = "") -> str:
+    """The one path lopper reads: MODEL itself, or MODEL/NAME for `MODEL --gguf-file NAME`."""
+    if not gguf_file:
+        return model
+    if is_gguf(model):
+        raise LopperError(f"{model} is a .gguf file and --gguf-file {gguf_file} names another: give one of them")
+    return str(Path(model) / gguf_file)
+
+
+def gguf_location(source: str) -> tuple[str, str]:
+    """(folder, file name) of a .gguf file, as transformers' `from_pretrained(folder, gguf_file=name)` takes them;
+    checks first that the file exists and that the optional gguf package is there to read it."""
+    p = Path(source)
+    if not p.is_file():
+        raise LopperError(f"{source} does not exist: give the path of a .gguf file, or a folder and --gguf-file NAME")
+    if not is_gguf_available():
+        raise LopperError(f'reading {p.name} needs the gguf package (0.10 or newer): pip install "lopper[gguf]"')
+    return str(p.parent), p.name
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(path: str, mtime_ns: int, size: int):
+    """The config transformers builds from a GGUF's metadata, with `dtype` set to what the pruned model is saved
+    in. Cached (by path, time and size): parsing the metadata of a real file takes seconds, and prune needs it twice."""
+    folder, name = gguf_location(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
+    except (OSError, ValueError, KeyError, NotImplementedError) as e:
+        raise LopperError(f"transformers cannot read {path} ({one_line(e)}): lopper reads GGUF files of "
+                          f"{', '.join(gguf_families())}")
+    if config.model_type not in gguf_families():
+        raise LopperError(f"unsupported architecture model_type={config.model_type!r} in {name}: lopper reads GGUF "
+                          f"files of {', '.join(gguf_families())}; pick a model of one of these families")
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = gguf_dtype(path)
+    return config
+
+
+def gguf_families() -> list[str]:
+    """lopper's families that transformers' GGUF loader reads too (its name for gemma3_text is gemma3)."""
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+
+    return [t for t in SUPPORTED if t.removesuffix("_text") in GGUF_CONFIG_MAPPING]
+
+
+def gguf_dtype(path: str) -> torch.dtype:
+    """The dtype a model read from this GGUF is saved in: the file's own float type when every matrix is F32, F16
+    or BF16 (float32 if they mix). Quantized matrices are saved in bfloat16, the dtype most such models were
+    released in, at half the size of float32. That is a rounding, not a copy: bfloat16 holds few dequantized values exactly
+    (SmolLM2-135M Q4_1: 21%); the others move by at most 2^-8 of their value, there under 5% of a Q4_1 step."""
+    from gguf import GGMLQuantizationType as T, GGUFReader
+
+    floats = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}
+    kinds = {floats.get(t.tensor_type) for t in GGUFReader(path).tensors if len(t.shape) >= 2}
+    if None in kinds:
+        return torch.bfloat16
+    return kinds.pop() if len(kinds) == 1 else torch.float32
+
+
+def _drop_quantization(model) -> None:
+    """transformers marks a model read from a GGUF as quantized (quant_method gguf) although its weights are
+    dequantized, and then refuses save_pretrained: unmark it, so it is a plain model and saves as one."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
+@contextmanager
+def _gguf_bar_hidden(source: str):
+    """transformers' GGUF reader draws a tqdm bar of its own that transformers' disable_progress_bar() (lopper's
+    --quiet) does not reach: send it to /dev/null then. Errors still arrive as exceptions."""
+    if not is_gguf(source) or transformers.utils.logging.is_progress_bar_enabled():
+        yield
+        return
+    with open(os.devnull, "w") as null, redirect_stderr(null):
+        yield
 
 
 def model_class(config) -> type:
@@ -64,11 +156,20 @@ def load_model(source: str, device: str = "cpu", dtype: str = "auto"):
     if getattr(config, "lopper_layout", None) == "plan":
         model = _load_replayed(source, config, torch_dtype)
     else:
+        where, kw = source, {}
+        if is_gguf(source):  # dequantized: lopper cuts dense tensors (GgufConfig: transformers 5 can keep blocks)
+            where, name = gguf_location(source)
+            kw = {"gguf_file": name, "config": config}
+            if hasattr(transformers, "GgufConfig"):
+                kw["quantization_config"] = transformers.GgufConfig(dequantize=True)
         try:
-            model, info = model_class(config).from_pretrained(source, dtype=torch_dtype, output_loading_info=True)
+            with _gguf_bar_hidden(source):
+                model, info = model_class(config).from_pretrained(where, dtype=torch_dtype, output_loading_info=True,
+                                                                  **kw)
         except Exception as e:  # safetensors, OSError, shape mismatches: all mean the folder is broken
-            raise LopperError(f"cannot load the weights of {source} ({_one_line(e)}): the folder is incomplete or "
+            raise LopperError(f"cannot load the weights of {source} ({one_line(e)}): the folder is incomplete or "
                               "corrupt; download it again")
+        _drop_quantization(model)
         missing = [k for k in info["missing_keys"] if not k.endswith("lm_head.weight") or not
                    getattr(config, "tie_word_embeddings", False)]
         if missing:
@@ -95,7 +196,7 @@ def _load_replayed(source: str, config, dtype: torch.dtype):
     try:
         model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:
-        raise LopperError(f"the weights in {source} do not match its plan ({_one_line(e)}): the folder is corrupt")
+        raise LopperError(f"the weights in {source} do not match its plan ({one_line(e)}): the folder is corrupt")
     model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
@@ -107,6 +208,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json
 
 
 def _tokenizer(source: str):
+    if is_gguf(source):  # the vocabulary and merges are in the GGUF's metadata
+        folder, name = gguf_location(source)
+        try:
+            return transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        except Exception:
+            return None
     if Path(source).is_dir() and not any((Path(source) / f).is_file() for f in TOKENIZER_FILES):
         return None  # transformers would build an empty tokenizer that yields no tokens
     try:
@@ -169,6 +276,8 @@ def staged(out: str | Path, force: bool, source: str):
 
 
 def copy_side_files(source: str, dest: Path, tokenizer) -> None:
+    """A folder's tokenizer (and sentence-transformers) files are copied as they are; a hub id or a .gguf file has
+    none to copy, so the loaded tokenizer writes its own."""
     src = Path(source)
     if not src.is_dir():
         if tokenizer is not None:
@@ -198,8 +307,3 @@ def _add_legacy_config_keys(path: Path) -> None:
             cfg[old] = cfg[new]
     if cfg != before:
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def _one_line(e: Exception) -> str:
-    s = " ".join(str(e).split())
-    return s if len(s) < 200 else s[:197] + "..."
