@@ -14,12 +14,14 @@ At each level F of the non-embedding parameters removed (--levels, default 0.2 0
   torch-pruning  the PyPI package (pip install -e .[bench]) run as its examples/LLMs/prune_llm.py prunes Llama:
          MetaPruner, GroupMagnitudeImportance(p=2, mean), the same ratio for hidden channels, heads and MLP
          channels, round_to 4, lm_head ignored, no repair; the ratio is bisected to F;
-  lopper lopper.prune(params=F, repair="lsq", allocation="global"): per-layer MLP/head widths from one ranking
-         across layers, layers dropped only past 35% (lopper.select.global_depth_share, the --params default for
-         global allocation), least-squares repair as lopper prune does it by default (each layer aimed 0.3 of
-         the way at the unpruned stream, MLP channels re-chosen by greedy OBS);
-         lopper-uniform the same with uniform widths (half the cut by depth), a standard checkpoint;
+  lopper the default command, `lopper prune MODEL --params F` with no other option: uniform widths (a standard
+         checkpoint), half the cut by depth, least-squares repair (--repair auto: each layer aimed 0.3 of the way
+         at the unpruned stream, MLP channels re-chosen by greedy OBS);
+         lopper-global the same with --allocation global (per-layer widths from one ranking across layers, a
+         lopper layout; layers dropped only past 35%, lopper.select.global_depth_share);
          lopper-fisher the same as lopper with Fisher width scores.
+Zero-shot (--tasks, optional): lm-evaluation-harness through lopper.zeroshot on every cut model, --task-data local
+files, --limit examples per task; the table gains the average of the tasks' main metrics.
 No method is healed (no training). Calibration: --calib only (32 windows x 256 tokens by default). Quality:
 WikiText-2 raw test perplexity, non-overlapping 512-token windows (--max-tokens caps the tokens read: on CPU use
 --max-tokens 30720, the first 60 windows). Results go to JSON and a Markdown table with the exact command and machine;
@@ -49,6 +51,7 @@ from torch import nn
 import transformers
 
 import lopper
+from lopper import zeroshot
 from lopper.api import Selection, make_plan, run_repair
 from lopper.evaluate import count_params, perplexity
 from lopper.gradient import fisher_scores
@@ -69,9 +72,9 @@ METHODS = {
     "fisher": "Fisher / first-order Taylor (width)",
     "flap": "FLAP: fluctuation, global adaptive allocation, bias compensation (An et al. 2024)",
     "torch-pruning": "torch-pruning 1.6.1 MetaPruner, magnitude, hidden + MLP channels (Fang et al. 2023)",
-    "lopper-uniform": "lopper --params F --repair lsq (uniform widths, half the cut by depth)",
-    "lopper": "lopper --params F --repair lsq --allocation global (per-layer widths, depth past 35%)",
-    "lopper-fisher": "lopper --params F --repair lsq --allocation global --width-metric fisher",
+    "lopper": "lopper --params F (the default: uniform widths, half the cut by depth, lsq repair)",
+    "lopper-global": "lopper --params F --allocation global (per-layer widths, a lopper layout)",
+    "lopper-fisher": "lopper --params F --width-metric fisher",
 }
 DEPTH = {"shortgpt": "bi", "gromov": "angular", "sleb": "sleb"}
 
@@ -88,6 +91,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--levels", type=float, nargs="+", default=[0.2, 0.35, 0.5],
                    help="fractions of non-embedding parameters removed (depth methods: the nearest layer count)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--tasks", default="", help="zero-shot tasks through lm-eval for every cut model, e.g. "
+                   "lambada,hellaswag,piqa,arc_easy,arc_challenge (empty: perplexity only)")
+    p.add_argument("--task-data", default=str(SHARED / "data" / "zeroshot"))
+    p.add_argument("--limit", type=int, default=500, help="zero-shot examples per task (0: all)")
+    p.add_argument("--zs-batch", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--json", default=str(ROOT / "docs" / "quality.json"))
@@ -97,7 +105,8 @@ def parse() -> argparse.Namespace:
     return p.parse_args()
 
 
-SAME = ("model", "calib", "calib_samples", "seq_len", "eval_text", "eval_seq_len", "max_tokens", "dtype")
+SAME = ("model", "calib", "calib_samples", "seq_len", "eval_text", "eval_seq_len", "max_tokens", "dtype", "tasks",
+        "limit")
 
 
 def kept_runs(path: str, a: argparse.Namespace) -> tuple[list[dict], dict]:
@@ -146,11 +155,17 @@ def main() -> int:
     def ppl(m) -> float:
         return perplexity(m, tok, a.eval_text, a.eval_seq_len, a.max_tokens, quiet=True)["perplexity"]
 
+    def zero_shot(m) -> dict:
+        names = zeroshot.check(a.tasks, a.task_data, a.limit, a.zs_batch)
+        return zeroshot.run(m, tok, names, a.task_data, a.limit, a.zs_batch, quiet=True)
+
     result = {"command": "python " + " ".join(shlex.quote(rel(w)) for w in [rel(__file__), *sys.argv[1:]]),
               "machine": machine(a.device), "settings": settings(a),
               "params_non_embedding": base, "layers": n_layers, "scoring_seconds": {}, "runs": []}
     t = time.time()
     result["baseline_perplexity"] = ppl(model)
+    if a.tasks:
+        result["baseline_zeroshot"] = zero_shot(model)
     result["baseline_eval_seconds"] = round(time.time() - t, 1)
 
     def save() -> None:
@@ -197,7 +212,7 @@ def main() -> int:
                 else:
                     args = Selection(model=a.model, params=level, repair="lsq",
                                      width_metric="fisher" if method == "lopper-fisher" else "activation",
-                                     allocation="uniform" if method == "lopper-uniform" else "global",
+                                     allocation="global" if method == "lopper-global" else "uniform",
                                      calib=a.calib, calib_samples=a.calib_samples, seq_len=a.seq_len, quiet=True)
                     p = make_plan(args, model, adapter, windows)
                     with silenced():
@@ -224,6 +239,8 @@ def main() -> int:
             run.update(target_removed=round(k / n_layers if method in DEPTH else level, 4),
                        removed=round(1 - after / base, 4), perplexity=value, **extra,
                        prune_seconds=round(prune_s, 1), eval_seconds=round(time.time() - t, 1))
+            if a.tasks:
+                run["zeroshot"] = zero_shot(trial)
             result["runs"].append(run)
             print(json.dumps(run), flush=True)
             del trial
@@ -386,7 +403,11 @@ def markdown(r: dict, json_path: str) -> str:
     lines = ["# Quality: pruning criteria at equal parameter counts", "",
              f"Model `{rel(s['model'])}` ({n} layers, {r['params_non_embedding']:,} non-embedding parameters), "
              f"no healing. WikiText-2 raw test perplexity ({cap}, non-overlapping {s['eval_seq_len']}-token windows); "
-             f"unpruned: **{r['baseline_perplexity']:.2f}**. Calibration: `{rel(s['calib'])}` only, "
+             f"unpruned: **{r['baseline_perplexity']:.2f}**"
+             + (f", zero-shot average **{r['baseline_zeroshot']['average']:.2%}** (lm-eval {s['tasks']}, first "
+                f"{s['limit']} examples of each, main metric per task in lopper.zeroshot.MAIN_METRIC)"
+                if r.get("baseline_zeroshot") else "")
+             + f". Calibration: `{rel(s['calib'])}` only, "
              f"{s['calib_samples']} x {s['seq_len']} tokens (every method that uses data). Each cell: perplexity "
              "(non-embedding parameters removed). Depth methods drop the nearest whole number of layers; width "
              "methods (MLP channels, then heads, no repair), FLAP, torch-pruning and lopper are matched to the level.",
@@ -401,7 +422,9 @@ def markdown(r: dict, json_path: str) -> str:
             elif "error" in hit[0]:
                 cells.append(f"failed: {hit[0]['error'][:80]}")
             else:
-                cells.append(f"{hit[0]['perplexity']:.2f} ({hit[0]['removed']:.2%})")
+                zs = hit[0].get("zeroshot")
+                cells.append(f"{hit[0]['perplexity']:.2f} ({hit[0]['removed']:.2%})"
+                             + (f", zero-shot {zs['average']:.2%}" if zs else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "FLAP is applied by masking (its widths differ per layer, and a layer may lose its whole attention "
               "or MLP); its count includes the compensation biases of o_proj / down_proj; grouped-query attention is "

@@ -197,7 +197,7 @@ def test_params_with_global_allocation_drops_layers_only_past_the_measured_thres
     src = model_dir("llama", layers=16, mlp=64)
     report = lopper.plan(model=str(src), out=str(tmp_path / "plan.json"), params=frac, allocation="global",
                          round_to=4, **FAST)
-    assert 16 - len(report.layers) == layers  # none up to 35%, then 1.25 x the excess (select.depth_share)
+    assert 16 - len(report.layers) == layers  # none up to 35%, then 1.25 x the excess (select.global_depth_share)
     assert report.meta["params"]["choice"]["drop_layers"] == layers
     assert abs(report.meta["params"]["removed"] - frac) <= 0.02
 

@@ -59,9 +59,9 @@ class Selection:
                              "the LM loss, one backward per window; fluctuation: FLAP's input variance x squared "
                              "weight column)",
                              choices=("magnitude", "activation", "fisher", "fluctuation"))
-    params_search: str = _opt("rule", "how --params splits depth and width: rule = width only up to 35%% of the "
-                              "parameters, then 1.25 x the excess as whole layers (select.depth_share); loss = try "
-                              "0-100%% depth and keep the lowest calibration loss (slower)", choices=("rule", "loss"))
+    params_search: str = _opt("half", "how --params splits depth and width: half = half the cut by depth (none up to "
+                              "35%% with --allocation global); loss = try 0-100%% depth and keep the lowest "
+                              "calibration loss (slower)", choices=("half", "loss"))
     repair: str = _opt("auto", "after cutting: lsq = least-squares refit of output projections on calibration text; "
                        "auto (default) = lsq whenever something is removed and the model has a tokenizer (a "
                        "replayed --plan: as its run did); none = off",
