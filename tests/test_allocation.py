@@ -12,6 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import lopper
+from lopper.allocate import global_mlp
 from lopper import surgery
 from lopper.arch import adapter_for
 from lopper.cli import main
@@ -207,3 +208,16 @@ def test_params_with_global_allocation_drops_layers_only_past_the_measured_thres
 def test_bad_allocation_options_are_refused(bad, message, tmp_path):
     with pytest.raises(LopperError, match=message):
         lopper.prune(model="unused", out=str(tmp_path / "o"), mlp=0.5, **bad)
+
+
+def test_global_widths_ignore_a_layer_scale_that_grows_with_depth():
+    """A real model's residual stream (and so every activation score written into it) grows with depth; two layers
+    whose scores differ only by that scale must keep the same width (allocate.NORMALIZE = "zscore"; raw scores gave
+    8 and 64 channels here)."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(64, generator=g)
+    spread = torch.cat([torch.full((32,), 0.1), torch.full((32,), 0.9)])
+    scores = {0: base, 1: base * 20.0, 2: spread}
+    kept = global_mlp(scores, [0, 1, 2], keep=32, k=8, full=64, min_keep=0.125)
+    assert len(kept[0]) == len(kept[1])
+    assert sum(len(v) for v in kept.values()) == 3 * 32
