@@ -67,3 +67,4 @@ def test_params_default_is_a_repaired_standard_checkpoint(model_dir, tmp_path):
     assert r["structures"]["layers"]["after"] < r["structures"]["layers"]["before"]  # half the cut by depth
     saved = json.loads((tmp_path / "out" / "lopper_report.json").read_text())
     assert saved["args"]["repair"] == "lsq" and saved["plan"]["repair"] == "lsq"
+    assert 0 < saved["repair_seconds"] <= saved["seconds"]  # the cost of the default, stated

@@ -88,7 +88,7 @@ class Selection:
     round_to: int = _opt(0, "kept widths are multiples of this (0: from the model's size, --device and --dtype)")
     allocation: str = _opt("uniform", "per-layer widths: uniform (a standard checkpoint), or global (one ranking of "
                            "each structure's units across layers; widths differ, saved in a lopper layout that "
-                           "lopper.load() rebuilds; not recommended on real models: docs/allocation.md)", choices=("uniform", "global"))
+                           "lopper.load() rebuilds; no better than uniform on SmolLM2: docs/allocation.md)", choices=("uniform", "global"))
     min_keep: float = _opt(0.25, "with --allocation global: every layer keeps at least this fraction of each width")
     device: str = _opt("cpu", "cpu or cuda")
     dtype: str = _opt("auto", "compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
@@ -182,9 +182,10 @@ def _args(cls, args, kwargs):
 
 
 def resolve_repair(args: Selection, tokenizer) -> Selection:
-    """`--repair auto` made concrete. Least squares is on whenever the selection removes something and calibration
-    text can be tokenized: on a real model it is most of lopper's quality (docs/quality.md). A replayed --plan
-    repairs as the run that saved it did (plan meta "repair"; absent in older plans: none), so replay reproduces."""
+    """`--repair auto` made concrete: least squares whenever the selection removes something and calibration text
+    can be tokenized, since the plain command should give lopper's best cut (docs/quality_smollm2.md); its time is
+    the report's `repair_seconds`. A replayed --plan repairs as the run that saved it did (plan meta "repair";
+    absent in older plans: none), so replay reproduces."""
     if args.repair != "auto":
         return args
     if args.plan:
@@ -321,8 +322,10 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     p = make_plan(args, model, adapter, windows)
     p.meta["source"] = source
     p.meta["repair"] = args.repair
+    t_repair = time.time()
     if args.repair == "lsq":
         run_repair(args, model, adapter, p, windows, quiet=args.quiet)
+    t_repair = time.time() - t_repair
     standard = apply(model, adapter, p)
     sparse = sp.for_prune(args, p, model, adapter, windows)
     after = {**count_params(model, adapter), "structures": structures(adapter)}
@@ -340,6 +343,7 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
         report["perplexity_after"] = _maybe_ppl(model, tok, args)
     if sparse:
         report["sparsity"] = sparse.report(model, adapter)
+    report["repair_seconds"] = round(t_repair, 2)
     report["seconds"] = round(time.time() - t0, 2)
     out = save(model, args.out, source=source, tokenizer=tok, plan=p, report=report, dtype=saved_dtype,
                force=args.force, files=sparse.files() if sparse else None)
