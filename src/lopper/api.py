@@ -28,7 +28,7 @@ from .text import calibration_windows
 log = logging.getLogger("lopper")
 
 
-def _opt(default, help: str, **kw):
+def arg_field(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
@@ -36,63 +36,63 @@ def _opt(default, help: str, **kw):
 class Selection:
     """What to remove and how to choose it; shared by `plan` and `prune`."""
 
-    model: str = _opt("", "Hugging Face model folder, hub id or .gguf file", positional=True)
-    gguf_file: str = _opt("", "read this .gguf file inside the MODEL folder (dequantized)")
-    drop_layers: int = _opt(0, "decoder/encoder layers to remove")
-    heads: float = _opt(0.0, "fraction of attention heads to remove (whole KV groups when a multiple of 1/kv_heads)")
-    mlp: float = _opt(0.0, "fraction of MLP channels to remove")
-    hidden: float = _opt(0.0, "fraction of hidden (embedding) channels to remove")
-    experts: float = _opt(0.0, "mixture-of-experts: fraction of each layer's experts to remove (--mlp also cuts "
+    model: str = arg_field("", "Hugging Face model folder, hub id or .gguf file", positional=True)
+    gguf_file: str = arg_field("", "read this .gguf file inside the MODEL folder (dequantized)")
+    drop_layers: int = arg_field(0, "decoder/encoder layers to remove")
+    heads: float = arg_field(0.0, "fraction of attention heads to remove (whole KV groups when a multiple of 1/kv_heads)")
+    mlp: float = arg_field(0.0, "fraction of MLP channels to remove")
+    hidden: float = arg_field(0.0, "fraction of hidden (embedding) channels to remove")
+    experts: float = arg_field(0.0, "mixture-of-experts: fraction of each layer's experts to remove (--mlp also cuts "
                           "channels inside every kept expert)")
-    params: float = _opt(0.0, "fraction of non-embedding parameters to remove; lopper picks depth and width")
-    target_speedup: float = _opt(0.0, "measured prefill speed-up S > 1 to reach on --device at --speed-batch x "
+    params: float = arg_field(0.0, "fraction of non-embedding parameters to remove; lopper picks depth and width")
+    target_speedup: float = arg_field(0.0, "measured prefill speed-up S > 1 to reach on --device at --speed-batch x "
                                  "--speed-len; lopper picks depth and width from per-layer timings (0: off)")
-    speed_batch: int = _opt(8, "batch of the prefill that --target-speedup times")
-    speed_len: int = _opt(256, "tokens per sequence of the prefill that --target-speedup times")
-    plan: str = _opt("", "replay this plan JSON instead of choosing")
-    calib: str = _opt("", "calibration text file (default: built-in public-domain English)")
-    calib_samples: int = _opt(32, "calibration windows")
-    seq_len: int = _opt(256, "tokens per calibration window")
-    layer_metric: str = _opt("bi", "layer importance (sleb: greedy removal by calibration loss, slower)",
+    speed_batch: int = arg_field(8, "batch of the prefill that --target-speedup times")
+    speed_len: int = arg_field(256, "tokens per sequence of the prefill that --target-speedup times")
+    plan: str = arg_field("", "replay this plan JSON instead of choosing")
+    calib: str = arg_field("", "calibration text file (default: built-in public-domain English)")
+    calib_samples: int = arg_field(32, "calibration windows")
+    seq_len: int = arg_field(256, "tokens per calibration window")
+    layer_metric: str = arg_field("bi", "layer importance (sleb: greedy removal by calibration loss, slower)",
                              choices=("bi", "angular", "sleb"))
-    width_metric: str = _opt("activation", "width importance (fisher: squared first-order Taylor mask gradients of "
+    width_metric: str = arg_field("activation", "width importance (fisher: squared first-order Taylor mask gradients of "
                              "the LM loss, one backward per window; fluctuation: FLAP's input variance x squared "
                              "weight column)",
                              choices=("magnitude", "activation", "fisher", "fluctuation"))
-    params_search: str = _opt("half", "how --params splits depth and width: half = half the cut by depth (none up to "
+    params_search: str = arg_field("half", "how --params splits depth and width: half = half the cut by depth (none up to "
                               "35%% with --allocation global); loss = try 0-100%% depth and keep the lowest "
                               "calibration loss (slower)", choices=("half", "loss"))
-    repair: str = _opt("auto", "after cutting: lsq = least-squares refit of output projections on calibration text; "
+    repair: str = arg_field("auto", "after cutting: lsq = least-squares refit of output projections on calibration text; "
                        "auto (default) = lsq whenever something is removed and the model has a tokenizer (a "
                        "replayed --plan: as its run did); none = off",
                        choices=("auto", "none", "lsq"))
-    repair_damp: float = _opt(0.001, "ridge term of --repair lsq, a fraction of the mean diagonal of each Gram matrix")
-    repair_units: str = _opt("obs", "with --repair lsq: obs = the repair re-chooses which MLP channels each layer "
+    repair_damp: float = arg_field(0.001, "ridge term of --repair lsq, a fraction of the mean diagonal of each Gram matrix")
+    repair_units: str = arg_field("obs", "with --repair lsq: obs = the repair re-chooses which MLP channels each layer "
                              "keeps (the plan's counts) by greedy OBS on its calibration inputs, and the saved plan "
                              "says which; plan = keep the plan's channels (always so with --plan)",
                              choices=("obs", "plan"))
-    repair_correct: float = _opt(0.3, "with --repair lsq in pre-norm decoders: the share of the gap to the unpruned "
+    repair_correct: float = arg_field(0.3, "with --repair lsq in pre-norm decoders: the share of the gap to the unpruned "
                                  "model's residual stream each refit layer also closes (0: its own output only)")
-    sparsity: float = _opt(0.0, "then zero this fraction of the remaining Linear weights in the layers (0: off; an "
+    sparsity: float = arg_field(0.0, "then zero this fraction of the remaining Linear weights in the layers (0: off; an "
                            "N:M pattern implies 1 - N/M)")
-    sparsity_pattern: str = _opt("unstructured", "unstructured, or N:M (N nonzeros in every M inputs: 2:4, 4:8)")
-    sparsity_criterion: str = _opt("wanda", "which weights to zero", choices=sp.CRITERIA)
-    sparsity_scope: str = _opt("row", "unstructured counts per output row, per module, or one global threshold",
+    sparsity_pattern: str = arg_field("unstructured", "unstructured, or N:M (N nonzeros in every M inputs: 2:4, 4:8)")
+    sparsity_criterion: str = arg_field("wanda", "which weights to zero", choices=sp.CRITERIA)
+    sparsity_scope: str = arg_field("row", "unstructured counts per output row, per module, or one global threshold",
                                choices=sp.SCOPES)
-    sparsity_ignore: str = _opt("", "regex: modules whose name matches are left dense (lm_head and embeddings "
+    sparsity_ignore: str = arg_field("", "regex: modules whose name matches are left dense (lm_head and embeddings "
                                 "always are)")
-    sparsity_allocation: str = _opt("uniform", "per-layer fractions: uniform, or owl (fewer zeros where "
+    sparsity_allocation: str = arg_field("uniform", "per-layer fractions: uniform, or owl (fewer zeros where "
                                     "activations have more outliers)", choices=sp.ALLOCATIONS)
-    protect_first: int = _opt(1, "first layers never removed")
-    protect_last: int = _opt(1, "last layers never removed")
-    round_to: int = _opt(0, "kept widths are multiples of this (0: from the model's size, --device and --dtype)")
-    allocation: str = _opt("uniform", "per-layer widths: uniform (a standard checkpoint), or global (one ranking of "
+    protect_first: int = arg_field(1, "first layers never removed")
+    protect_last: int = arg_field(1, "last layers never removed")
+    round_to: int = arg_field(0, "kept widths are multiples of this (0: from the model's size, --device and --dtype)")
+    allocation: str = arg_field("uniform", "per-layer widths: uniform (a standard checkpoint), or global (one ranking of "
                            "each structure's units across layers; widths differ, saved in a lopper layout that "
                            "lopper.load() rebuilds; no better than uniform on SmolLM2: docs/allocation.md)", choices=("uniform", "global"))
-    min_keep: float = _opt(0.25, "with --allocation global: every layer keeps at least this fraction of each width")
-    device: str = _opt("cpu", "cpu or cuda")
-    dtype: str = _opt("auto", "compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
-    quiet: bool = _opt(False, "no progress bars or logs")
+    min_keep: float = arg_field(0.25, "with --allocation global: every layer keeps at least this fraction of each width")
+    device: str = arg_field("cpu", "cpu or cuda")
+    dtype: str = arg_field("auto", "compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    quiet: bool = arg_field(False, "no progress bars or logs")
 
     def target(self) -> Target:
         return Target(drop_layers=self.drop_layers, heads=self.heads, mlp=self.mlp, hidden=self.hidden,
@@ -141,39 +141,39 @@ class Selection:
 
 @dataclass(kw_only=True)
 class PlanArgs(Selection):
-    out: str = _opt("", "where to write the plan JSON", required=True)
-    force: bool = _opt(False, "overwrite an existing plan file")
+    out: str = arg_field("", "where to write the plan JSON", required=True)
+    force: bool = arg_field(False, "overwrite an existing plan file")
 
 
 @dataclass(kw_only=True)
 class PruneArgs(Selection):
-    out: str = _opt("", "output model folder (written atomically)", required=True)
-    force: bool = _opt(False, "replace an existing output folder")
-    eval_text: str = _opt("", "also report perplexity before and after on this text file")
-    eval_seq_len: int = _opt(512, "window for --eval-text")
-    eval_max_tokens: int = _opt(0, "cap on --eval-text tokens (0: all)")
+    out: str = arg_field("", "output model folder (written atomically)", required=True)
+    force: bool = arg_field(False, "replace an existing output folder")
+    eval_text: str = arg_field("", "also report perplexity before and after on this text file")
+    eval_seq_len: int = arg_field(512, "window for --eval-text")
+    eval_max_tokens: int = arg_field(0, "cap on --eval-text tokens (0: all)")
 
 
 @dataclass(kw_only=True)
 class EvalArgs:
-    model: str = _opt("", "model folder (standard or saved by lopper) or .gguf file", positional=True)
-    gguf_file: str = _opt("", "read this .gguf file inside the MODEL folder (dequantized)")
-    text: str = _opt("", "text file for perplexity (causal LMs)")
-    seq_len: int = _opt(512, "tokens per non-overlapping window")
-    max_tokens: int = _opt(0, "cap on tokens read (0: all)")
-    device: str = _opt("cpu", "cpu or cuda")
-    dtype: str = _opt("auto", "compute dtype")
-    json: str = _opt("", "also write the results to this JSON file")
-    quiet: bool = _opt(False, "no progress bars")
-    tasks: str = _opt("", "zero-shot tasks through lm-evaluation-harness, comma separated: lambada (lambada_openai), "
+    model: str = arg_field("", "model folder (standard or saved by lopper) or .gguf file", positional=True)
+    gguf_file: str = arg_field("", "read this .gguf file inside the MODEL folder (dequantized)")
+    text: str = arg_field("", "text file for perplexity (causal LMs)")
+    seq_len: int = arg_field(512, "tokens per non-overlapping window")
+    max_tokens: int = arg_field(0, "cap on tokens read (0: all)")
+    device: str = arg_field("cpu", "cpu or cuda")
+    dtype: str = arg_field("auto", "compute dtype")
+    json: str = arg_field("", "also write the results to this JSON file")
+    quiet: bool = arg_field(False, "no progress bars")
+    tasks: str = arg_field("", "zero-shot tasks through lm-evaluation-harness, comma separated: lambada (lambada_openai), "
                       "hellaswag, piqa, arc_easy, arc_challenge or any lm-eval task name (needs lopper[eval])")
-    limit: int = _opt(0, "with --tasks: the first N examples of each task (0: all)")
-    task_data: str = _opt("", "with --tasks: read the data from this local folder (layout: docs/zeroshot.md) "
+    limit: int = arg_field(0, "with --tasks: the first N examples of each task (0: all)")
+    task_data: str = arg_field("", "with --tasks: read the data from this local folder (layout: docs/zeroshot.md) "
                           "instead of the Hugging Face hub")
-    batch: int = _opt(8, "with --tasks: batch size of the log-likelihood requests")
+    batch: int = arg_field(8, "with --tasks: batch size of the log-likelihood requests")
 
 
-def _args(cls, args, kwargs):
+def resolve_args(cls, args, kwargs):
     if args is None:
         return cls(**kwargs)
     if kwargs:
@@ -281,14 +281,14 @@ def run_repair(args: Selection, model, adapter, p: Plan, windows: list[torch.Ten
 
 def plan(args: PlanArgs | None = None, /, **kwargs) -> Plan:
     """Score and choose without cutting; writes the plan JSON (a dry run of `prune`)."""
-    args = _args(PlanArgs, args, kwargs)
+    args = resolve_args(PlanArgs, args, kwargs)
     args.check()
     out = Path(args.out)
     if not args.out:
         raise LopperError("no --out given: name the plan JSON file to write")
     if out.exists() and not args.force:
         raise LopperError(f"--out {out} already exists: choose another path or pass --force")
-    _quiet(args.quiet)
+    set_quiet(args.quiet)
     source = model_source(args.model, args.gguf_file)
     model, tok, adapter = load_model(source, args.device, args.dtype)
     args = resolve_repair(args, tok)
@@ -305,15 +305,15 @@ def plan(args: PlanArgs | None = None, /, **kwargs) -> Plan:
 
 def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     """Load, score, plan, cut, save (atomically); returns the report also written as DIR/lopper_report.json."""
-    args = _args(PruneArgs, args, kwargs)
+    args = resolve_args(PruneArgs, args, kwargs)
     args.check()
     if not args.out:
         raise LopperError("no --out given: name the output folder")
     source = model_source(args.model, args.gguf_file)
     check_output(args.out, args.force, source)
-    _quiet(args.quiet)
+    set_quiet(args.quiet)
     t0 = time.time()
-    saved_dtype = _checkpoint_dtype(read_config(source))  # a GGUF's: io.gguf_dtype
+    saved_dtype = checkpoint_dtype(read_config(source))  # a GGUF's: io.gguf_dtype
     model, tok, adapter = load_model(source, args.device, args.dtype)
     args = resolve_repair(args, tok)
     before = {**count_params(model, adapter), "structures": structures(adapter)}
@@ -356,13 +356,13 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
 
 def evaluate(args: EvalArgs | None = None, /, **kwargs) -> dict:
     """Parameters, size on disk and (for causal LMs) perplexity on --text and zero-shot accuracy on --tasks."""
-    args = _args(EvalArgs, args, kwargs)
+    args = resolve_args(EvalArgs, args, kwargs)
     if not args.model:
         raise LopperError("no model given: pass a model folder")
     if (args.limit or args.task_data) and not args.tasks:
         raise LopperError("--limit and --task-data apply to zero-shot tasks: add --tasks, e.g. --tasks lambada,piqa")
     names = zeroshot.check(args.tasks, args.task_data, args.limit, args.batch) if args.tasks else []
-    _quiet(args.quiet)
+    set_quiet(args.quiet)
     source = model_source(args.model, args.gguf_file)
     model, tok, adapter = load_model(source, args.device, args.dtype)
     result = {"model": source, **count_params(model, adapter), "structures": structures(adapter)}
@@ -416,14 +416,14 @@ def _maybe_ppl(model, tok, args: PruneArgs):
     return perplexity(model, tok, args.eval_text, args.eval_seq_len, args.eval_max_tokens, args.quiet)
 
 
-def _checkpoint_dtype(config) -> torch.dtype | None:
+def checkpoint_dtype(config) -> torch.dtype | None:
     d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(d, str):
         d = getattr(torch, d, None)
     return d if isinstance(d, torch.dtype) else None
 
 
-def _quiet(quiet: bool) -> None:
+def set_quiet(quiet: bool) -> None:
     logging.basicConfig(format="%(message)s")
     log.setLevel(logging.WARNING if quiet else logging.INFO)
     if quiet:

@@ -39,7 +39,7 @@ import torch
 import transformers
 
 from . import __version__
-from .api import _args, _opt, _quiet
+from .api import resolve_args, arg_field, set_quiet
 from .errors import LopperError
 from .evaluate import count_params, weights_size
 from .io import load_model
@@ -52,16 +52,16 @@ class BenchArgs:
     models: list[str] = field(default_factory=list, metadata={
         "help": "model folders (standard or saved by lopper) or .gguf files; ratios are against the first",
         "positional": True})
-    device: str = _opt("cpu", "cpu or cuda", choices=("cpu", "cuda"))
-    dtype: str = _opt("auto", "compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
-    batch: int = _opt(8, "batch B of the prefill and of the second decode figure")
-    prompt_len: int = _opt(256, "prompt length P in tokens")
-    new_tokens: int = _opt(32, "tokens N generated per decode run (at least 2)")
-    repeats: int = _opt(5, "timed runs per figure; the median is reported")
-    warmup: int = _opt(1, "untimed runs first")
-    json: str = _opt("", "write all figures and every timed run to this JSON file")
-    markdown: str = _opt("", "also write the Markdown table to this file")
-    quiet: bool = _opt(False, "no table printed, no logs")
+    device: str = arg_field("cpu", "cpu or cuda", choices=("cpu", "cuda"))
+    dtype: str = arg_field("auto", "compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    batch: int = arg_field(8, "batch B of the prefill and of the second decode figure")
+    prompt_len: int = arg_field(256, "prompt length P in tokens")
+    new_tokens: int = arg_field(32, "tokens N generated per decode run (at least 2)")
+    repeats: int = arg_field(5, "timed runs per figure; the median is reported")
+    warmup: int = arg_field(1, "untimed runs first")
+    json: str = arg_field("", "write all figures and every timed run to this JSON file")
+    markdown: str = arg_field("", "also write the Markdown table to this file")
+    quiet: bool = arg_field(False, "no table printed, no logs")
 
     def check(self) -> None:
         if not self.models:
@@ -82,7 +82,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, device: str) -> float:
+def timed(fn, device: str) -> float:
     _sync(device)
     t0 = time.perf_counter()
     fn()
@@ -121,7 +121,7 @@ def static_figures(model, adapter, prompt_len: int) -> dict:
             "buffer_bytes": buffer_bytes}
 
 
-def _ids(model, batch: int, length: int, device: str) -> torch.Tensor:
+def random_ids(model, batch: int, length: int, device: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     return torch.randint(min(4, vocab - 1), vocab, (batch, length), generator=g).to(device)
@@ -129,7 +129,7 @@ def _ids(model, batch: int, length: int, device: str) -> torch.Tensor:
 
 def _prefill_fn(model, args: BenchArgs, causal: bool):
     """() -> seconds of one forward without cache at batch B, length P."""
-    ids = _ids(model, args.batch, args.prompt_len, args.device)
+    ids = random_ids(model, args.batch, args.prompt_len, args.device)
     kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if causal:
         kw["use_cache"] = False
@@ -138,7 +138,7 @@ def _prefill_fn(model, args: BenchArgs, causal: bool):
 
     @torch.inference_mode()
     def once():
-        return _timed(lambda: model(**kw), args.device)
+        return timed(lambda: model(**kw), args.device)
 
     return once
 
@@ -150,7 +150,7 @@ def _prefill_summary(seconds: list[float], args: BenchArgs) -> dict:
 
 def _decode_fn(model, args: BenchArgs, batch: int):
     """() -> {t1, tn, ms_per_token}: greedy generate of 1 and of N new tokens from a P-token prompt."""
-    ids = _ids(model, batch, args.prompt_len, args.device)
+    ids = random_ids(model, batch, args.prompt_len, args.device)
     cuda = args.device.startswith("cuda")
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
@@ -160,7 +160,7 @@ def _decode_fn(model, args: BenchArgs, batch: int):
                   min_new_tokens=n, pad_token_id=pad, temperature=None, top_p=None, top_k=None)
         if cuda:
             kw["cache_implementation"] = "static"
-        return _timed(lambda: model.generate(**kw), args.device)
+        return timed(lambda: model.generate(**kw), args.device)
 
     def once():
         t1, tn = generate(1), generate(args.new_tokens)
@@ -290,11 +290,11 @@ def markdown(report: dict) -> str:
 
 def bench(args: BenchArgs | None = None, /, **kwargs) -> dict:
     """Measure every model of `args.models` (see the module docstring); returns the report also written to --json."""
-    args = _args(BenchArgs, args, kwargs)
+    args = resolve_args(BenchArgs, args, kwargs)
     if isinstance(args.models, str):
         args.models = [args.models]
     args.check()
-    _quiet(args.quiet)
+    set_quiet(args.quiet)
     groups = [[m] for m in args.models] if args.device.startswith("cuda") else [args.models]
     results = [r for g in groups for r in bench_group(g, args)]
     from .io import resolve_dtype

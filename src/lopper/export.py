@@ -32,10 +32,10 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
 from . import __version__
-from .api import _args, _checkpoint_dtype, _opt, _quiet
+from .api import resolve_args, checkpoint_dtype, arg_field, set_quiet
 from .errors import LopperError
 from .evaluate import count_params
-from .io import (PLAN_FILE, _add_legacy_config_keys, check_output, copy_side_files, load_model, read_config,
+from .io import (PLAN_FILE, add_legacy_config_keys, check_output, copy_side_files, load_model, read_config,
                  staged)
 
 log = logging.getLogger("lopper")
@@ -49,13 +49,13 @@ EXPORT_REPORT = "lopper_export.json"
 
 @dataclass(kw_only=True)
 class ExportArgs:
-    model: str = _opt("", "model folder to export (standard, or saved by lopper with per-layer widths)",
+    model: str = arg_field("", "model folder to export (standard, or saved by lopper with per-layer widths)",
                       positional=True)
-    out: str = _opt("", "output folder (written atomically)", required=True)
-    format: str = _opt("nemotron-nas", "layout: nemotron-nas (NVIDIA DeciLM block_configs, widths per layer; read by "
+    out: str = arg_field("", "output folder (written atomically)", required=True)
+    format: str = arg_field("nemotron-nas", "layout: nemotron-nas (NVIDIA DeciLM block_configs, widths per layer; read by "
                        "vLLM, SGLang, TensorRT-LLM and llama.cpp's converter)", choices=FORMATS)
-    force: bool = _opt(False, "replace an existing output folder")
-    quiet: bool = _opt(False, "no logs")
+    force: bool = arg_field(False, "replace an existing output folder")
+    quiet: bool = arg_field(False, "no logs")
 
 
 def ffn_width(ffn_mult: float, hidden: int) -> int:
@@ -74,7 +74,7 @@ def ffn_mult(width: int, hidden: int) -> float:
 def export(args: ExportArgs | None = None, /, **kwargs) -> dict:
     """Load `args.model` (a lopper output or standard folder of FAMILIES), write it in `args.format` to `args.out`
     (temporary folder, then rename); returns the report also written as lopper_export.json."""
-    args = _args(ExportArgs, args, kwargs)
+    args = resolve_args(ExportArgs, args, kwargs)
     if args.format not in FORMATS:
         raise LopperError(f"--format {args.format!r} is unknown: use one of {', '.join(FORMATS)}")
     if not args.out:
@@ -82,8 +82,8 @@ def export(args: ExportArgs | None = None, /, **kwargs) -> dict:
     check_output(args.out, args.force, args.model)  # before the load: fail fast on a taken folder or a wrong family
     source = read_config(args.model)
     _check_family(source)
-    _quiet(args.quiet)
-    dtype = _checkpoint_dtype(source)
+    set_quiet(args.quiet)
+    dtype = checkpoint_dtype(source)
     model, tok, adapter = load_model(args.model, "cpu", str(dtype).removeprefix("torch.") if dtype else "float32")
     return save_export(model, tok, adapter, args)
 
@@ -100,7 +100,7 @@ def save_export(model, tok, adapter, args: ExportArgs) -> dict:
     with staged(args.out, args.force, args.model) as tmp:
         write_state(state, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _add_legacy_config_keys(tmp / "config.json")
+        add_legacy_config_keys(tmp / "config.json")
         copy_side_files(args.model, tmp, tok)
         for name in (PLAN_FILE, "generation_config.json"):
             if (Path(args.model) / name).is_file():

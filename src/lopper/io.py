@@ -243,7 +243,7 @@ def save(model, out: str | Path, *, source: str, tokenizer, plan: Plan | None, r
         if dtype is not None:
             model.to(dtype)
         model.save_pretrained(tmp, safe_serialization=True)
-        _add_legacy_config_keys(tmp / "config.json")
+        add_legacy_config_keys(tmp / "config.json")
         copy_side_files(source, tmp, tokenizer)
         if plan is not None:  # heal of a model that lopper did not prune
             plan.save(tmp / PLAN_FILE)
@@ -291,7 +291,7 @@ def copy_side_files(source: str, dest: Path, tokenizer) -> None:
             shutil.copytree(src / name, dest / name)
 
 
-def _add_legacy_config_keys(path: Path) -> None:
+def add_legacy_config_keys(path: Path) -> None:
     """transformers 5 writes RoPE settings only as `rope_parameters`; 4.5x reads `rope_theta`/`rope_scaling` and
     would silently fall back to its defaults. Write both so the folder means the same in either version."""
     cfg = json.loads(path.read_text())

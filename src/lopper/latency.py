@@ -42,7 +42,7 @@ from .arch import Adapter
 from .errors import LopperError
 from .importance import Stats, WidthScores, block_influence
 from .plan import Plan, identity_plan
-from .select import Target, _heads_valid, _keep_layers, choose
+from .select import Target, heads_valid, keep_layers, choose
 from .surgery import apply, silenced
 
 log = logging.getLogger("lopper")
@@ -51,18 +51,18 @@ Timer = Callable[[torch.nn.Module], float]
 
 def prefill_timer(batch: int, length: int, device: str) -> Timer:
     """model -> seconds of one forward of random ids [batch, length] without cache (causal LMs: last logits only)."""
-    from .bench import _ids, _timed
+    from .bench import random_ids, timed
 
     @torch.inference_mode()
     def time_one(model) -> float:
-        ids = _ids(model, batch, length, device)
+        ids = random_ids(model, batch, length, device)
         kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         params = inspect.signature(model.forward).parameters
         if "use_cache" in params:
             kw["use_cache"] = False
         if "logits_to_keep" in params:
             kw["logits_to_keep"] = 1
-        return _timed(lambda: model(**kw), device)
+        return timed(lambda: model(**kw), device)
 
     return time_one
 
@@ -88,7 +88,7 @@ def attention_options(adapter: Adapter) -> list[tuple[int, int | None]]:
         counts = [(g * (n_heads // n_kv), g) for g in range(1, n_kv + 1)]
     else:
         counts = [(h, None if n_kv is None else h) for h in range(1, n_heads + 1)]
-    return [c for c in counts if c == counts[-1] or _heads_valid(adapter, c)]
+    return [c for c in counts if c == counts[-1] or heads_valid(adapter, c)]
 
 
 def _width_plan(adapter: Adapter, layers: int, heads: int, kv: int | None, mlp: int) -> Plan:
@@ -242,7 +242,7 @@ def _kept_layers(stats: Stats | None, target: Target, n: int) -> Callable[[int],
 
     def kept(drop: int) -> list[int]:
         if drop not in cache:
-            cache[drop] = _keep_layers(stats, Target(**{**vars(target), "drop_layers": drop}), n)
+            cache[drop] = keep_layers(stats, Target(**{**vars(target), "drop_layers": drop}), n)
         return cache[drop]
 
     return kept

@@ -111,7 +111,7 @@ def repair(model: nn.Module, adapter: Adapter, plan: Plan, batches: list[torch.T
             _fit(layer, [w for w in adapter.writers(layer) if (w, in_dim(w)) in cuts], cuts, xs, step, damp,
                  choose=choose)
         zero(_within(cuts, layer))
-        xs = [_call(layer, x, step[b]) for b, x in enumerate(xs)]
+        xs = [call_layer(layer, x, step[b]) for b, x in enumerate(xs)]
 
 
 def _toward_teacher(adapter, layers, i, nxt, cuts, xs, ts, calls, damp, alpha, choose=None):
@@ -127,7 +127,7 @@ def _toward_teacher(adapter, layers, i, nxt, cuts, xs, ts, calls, damp, alpha, c
         y, seen = _run(layer, t, step[b], first)
         mids.append(t + sum(seen[w][1] for w in first))
         for j in range(i + 1, nxt):
-            y = _call(layers[j], y, calls[b][j])
+            y = call_layer(layers[j], y, calls[b][j])
         outs.append(y)
     gap = {w: (lambda b, x, y, seen: mids[b] - x - sum(seen[v][1] for v in first)) for w in first}
     _fit(layer, first, cuts, xs, step, damp, gap, alpha)
@@ -143,7 +143,7 @@ def _within(cuts: dict, module: nn.Module) -> dict:
     return {k: v for k, v in cuts.items() if id(k[0]) in inside}
 
 
-def _call(layer, x, call):
+def call_layer(layer, x, call):
     args, kw = call
     y = layer(x, *args, **kw)
     return y[0] if isinstance(y, tuple) else y
@@ -158,7 +158,7 @@ def _run(layer, x, call, modules):
 
     hooks = [m.register_forward_hook(grab) for m in modules]
     try:
-        return _call(layer, x, call), seen
+        return call_layer(layer, x, call), seen
     finally:
         for h in hooks:
             h.remove()

@@ -83,7 +83,7 @@ def choose(adapter: Adapter, target: Target, stats: Stats | None, scores: WidthS
     target.check(n)
     k = target.round_to or default_round_to(adapter.hidden_size())
     k = math.lcm(k, adapter.width_multiple)
-    plan.layers = _keep_layers(stats, target, n)
+    plan.layers = keep_layers(stats, target, n)
     sig = plan.model
     n_heads, mlp0 = sig["heads"][0], max(sig["mlp"])  # 0: no dense MLP (every layer a mixture of experts)
     if target.mlp and mlp0:
@@ -139,7 +139,7 @@ def _choose_experts(adapter: Adapter, plan: Plan, target: Target, scores: WidthS
             entry["shared_mlp"] = _top(scores.other["shared_mlp"][i], _round_width(shared * (1 - target.mlp), k, shared))
 
 
-def _keep_layers(stats: Stats | None, t: Target, n: int) -> list[int]:
+def keep_layers(stats: Stats | None, t: Target, n: int) -> list[int]:
     if not t.drop_layers:
         return list(range(n))
     lo, hi = t.protect_first, n - t.protect_last  # droppable layers are lo .. hi-1
@@ -178,14 +178,14 @@ def _head_counts(adapter: Adapter, frac: float, n_heads: int, n_kv: int | None) 
         else:
             candidates = [(n_kv * q, n_kv) for q in range(1, group + 1)]
     want = n_heads * (1 - frac)
-    ok = [c for c in candidates if c[0] < n_heads and _heads_valid(adapter, c)]  # frac > 0: something goes
+    ok = [c for c in candidates if c[0] < n_heads and heads_valid(adapter, c)]  # frac > 0: something goes
     if not ok:
         raise LopperError(f"no head count for --heads {frac} is accepted by {type(adapter.config).__name__}: "
                           "try another fraction")
     return min(ok, key=lambda c: (abs(c[0] - want), -c[0]))
 
 
-def _heads_valid(adapter: Adapter, counts: tuple[int, int | None]) -> bool:
+def heads_valid(adapter: Adapter, counts: tuple[int, int | None]) -> bool:
     if adapter.is_encoder or adapter.derived_head_dim:
         return True  # BERT, GPT-2, OPT derive head_dim from hidden_size / heads: other counts save as a lopper layout
     c = adapter.config

@@ -55,7 +55,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .arch import Adapter
 from .errors import LopperError
-from .repair import _call, capture_layer_inputs
+from .repair import call_layer, capture_layer_inputs
 
 log = logging.getLogger("lopper")
 
@@ -505,7 +505,7 @@ def _sequential(model, adapter, tg, spec, layer_targets, windows, masks, quiet) 
                     w.mul_(k.to(w.dtype))
                     keep[t.name] = k
         if i < last:
-            xs = [_call(layers[i], x, layer_kwargs[b][i]) for b, x in enumerate(xs)]
+            xs = [call_layer(layers[i], x, layer_kwargs[b][i]) for b, x in enumerate(xs)]
     return keep
 
 
@@ -526,7 +526,7 @@ def _layer_stats(layer, i, mods, xs, layer_kwargs, hessian: bool) -> dict[int, t
     hooks = [t.module.register_forward_pre_hook(hook) for t in mods]
     try:
         for b, x in enumerate(xs):
-            _call(layer, x, layer_kwargs[b][i])
+            call_layer(layer, x, layer_kwargs[b][i])
     finally:
         for h in hooks:
             h.remove()

@@ -3,49 +3,49 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-from ..api import _opt
+from ..api import arg_field
 from ..errors import LopperError
 
 
 @dataclass(kw_only=True)
 class HealArgs:
-    model: str = _opt("", "pruned model folder to heal (never modified)", positional=True)
-    teacher: str = _opt("", "the original model to distil from (same tokenizer); not needed with --kd-weight 0")
+    model: str = arg_field("", "pruned model folder to heal (never modified)", positional=True)
+    teacher: str = arg_field("", "the original model to distil from (same tokenizer); not needed with --kd-weight 0")
     text: list[str] = field(default_factory=list, metadata={
         "help": "training text files, tokenized as one stream", "required": True})
-    out: str = _opt("", "output model folder (written atomically)", required=True)
-    tokens: int = _opt(0, "cap on the tokens trained on (0: one pass over --text)")
-    seq_len: int = _opt(512, "tokens per training window (at most the model's context)")
-    lr: float = _opt(0.0, "peak learning rate (0: 1e-4, or 5e-4 with --lora)")
-    batch: int = _opt(8, "windows per process and micro-batch (global batch = batch x grad-accum x processes)")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step")
-    warmup: float = _opt(0.05, "fraction of the steps with a linear learning-rate warmup (then cosine to 0)")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    max_grad_norm: float = _opt(1.0, "clip the gradient norm to this (0: no clipping)")
-    kd_temperature: float = _opt(1.0, "distillation temperature T")
-    kd_weight: float = _opt(1.0, "A in A*T^2*KL(teacher||student) + (1-A)*cross-entropy; 0: plain fine-tuning")
-    encoder_loss: str = _opt("cosine", "encoders: loss between mean-pooled sentence embeddings of student and "
+    out: str = arg_field("", "output model folder (written atomically)", required=True)
+    tokens: int = arg_field(0, "cap on the tokens trained on (0: one pass over --text)")
+    seq_len: int = arg_field(512, "tokens per training window (at most the model's context)")
+    lr: float = arg_field(0.0, "peak learning rate (0: 1e-4, or 5e-4 with --lora)")
+    batch: int = arg_field(8, "windows per process and micro-batch (global batch = batch x grad-accum x processes)")
+    grad_accum: int = arg_field(1, "micro-batches per optimizer step")
+    warmup: float = arg_field(0.05, "fraction of the steps with a linear learning-rate warmup (then cosine to 0)")
+    weight_decay: float = arg_field(0.0, "AdamW weight decay")
+    max_grad_norm: float = arg_field(1.0, "clip the gradient norm to this (0: no clipping)")
+    kd_temperature: float = arg_field(1.0, "distillation temperature T")
+    kd_weight: float = arg_field(1.0, "A in A*T^2*KL(teacher||student) + (1-A)*cross-entropy; 0: plain fine-tuning")
+    encoder_loss: str = arg_field("cosine", "encoders: loss between mean-pooled sentence embeddings of student and "
                              "teacher (cosine: 1 - cos)", choices=("cosine", "mse"))
-    encoder_data: str = _opt("lines", "encoders: train on the lines of --text, or on windows of --seq-len tokens",
+    encoder_data: str = arg_field("lines", "encoders: train on the lines of --text, or on windows of --seq-len tokens",
                              choices=("lines", "windows"))
-    lora: int = _opt(0, "LoRA rank on the linear layers of the blocks, merged into the output (0: train all "
+    lora: int = arg_field(0, "LoRA rank on the linear layers of the blocks, merged into the output (0: train all "
                      "parameters)")
-    lora_alpha: float = _opt(0.0, "LoRA alpha (0: 2 x rank)")
-    no_gradient_checkpointing: bool = _opt(False, "keep activations instead of recomputing them (more memory)")
-    seed: int = _opt(0, "seed of the data order and of the LoRA initialisation")
-    device: str = _opt("auto", "auto (cuda when available), cpu or cuda", choices=("auto", "cpu", "cuda"))
-    dtype: str = _opt("auto", "auto (bf16 autocast on CUDA, float32 on CPU), float32 or bfloat16 (autocast; "
+    lora_alpha: float = arg_field(0.0, "LoRA alpha (0: 2 x rank)")
+    no_gradient_checkpointing: bool = arg_field(False, "keep activations instead of recomputing them (more memory)")
+    seed: int = arg_field(0, "seed of the data order and of the LoRA initialisation")
+    device: str = arg_field("auto", "auto (cuda when available), cpu or cuda", choices=("auto", "cpu", "cuda"))
+    dtype: str = arg_field("auto", "auto (bf16 autocast on CUDA, float32 on CPU), float32 or bfloat16 (autocast; "
                       "weights stay float32)", choices=("auto", "float32", "bfloat16"))
-    eval_text: str = _opt("", "held-out text, evaluated before, every --eval-every steps and at the end; the best "
+    eval_text: str = arg_field("", "held-out text, evaluated before, every --eval-every steps and at the end; the best "
                           "step becomes the output")
-    eval_every: int = _opt(0, "steps between evaluations on --eval-text (0: before and at the end only)")
-    eval_max_tokens: int = _opt(32768, "cap on --eval-text tokens per evaluation (0: all)")
-    save_every: int = _opt(100, "steps between checkpoints in OUT.heal-work/ for --resume (0: none)")
-    resume: bool = _opt(False, "continue an interrupted run from its last checkpoint in OUT.heal-work/")
-    max_steps: int = _opt(0, "stop after this step without writing --out, as an interruption would; --resume "
+    eval_every: int = arg_field(0, "steps between evaluations on --eval-text (0: before and at the end only)")
+    eval_max_tokens: int = arg_field(32768, "cap on --eval-text tokens per evaluation (0: all)")
+    save_every: int = arg_field(100, "steps between checkpoints in OUT.heal-work/ for --resume (0: none)")
+    resume: bool = arg_field(False, "continue an interrupted run from its last checkpoint in OUT.heal-work/")
+    max_steps: int = arg_field(0, "stop after this step without writing --out, as an interruption would; --resume "
                           "continues (0: run to the end)")
-    force: bool = _opt(False, "replace an existing --out; without --resume, also discard an interrupted run")
-    quiet: bool = _opt(False, "no progress bars or logs")
+    force: bool = arg_field(False, "replace an existing --out; without --resume, also discard an interrupted run")
+    quiet: bool = arg_field(False, "no progress bars or logs")
 
     def check(self) -> None:
         if not self.model:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..api import _args, _checkpoint_dtype, _quiet
+from ..api import resolve_args, checkpoint_dtype, set_quiet
 from ..arch import adapter_class
 from ..errors import LopperError
 from ..evaluate import count_params, perplexity
@@ -72,7 +72,7 @@ def heal(args: HealArgs | None = None, /, **kwargs) -> dict | None:
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
 
-    args = _args(HealArgs, args, kwargs)
+    args = resolve_args(HealArgs, args, kwargs)
     args.check()
     out = check_output(args.out, args.force, args.model)
     config = read_config(args.model)
@@ -100,7 +100,7 @@ def heal(args: HealArgs | None = None, /, **kwargs) -> dict | None:
         raise LopperError(f"accelerate is already set up differently in this process ({e}): run heals with another "
                           "--device or --dtype in a process of their own")
     main, world = acc.is_main_process, acc.num_processes
-    _quiet(args.quiet or not main)
+    set_quiet(args.quiet or not main)
     if args.quiet or not main:
         logging.getLogger("accelerate").setLevel(logging.ERROR)
     if args.resume:
@@ -316,7 +316,7 @@ def heal(args: HealArgs | None = None, /, **kwargs) -> dict | None:
                 section[f"teacher_{metric}"] = state.teacher_metric
         report = {**source, "heal": section}
         save(final, out, source=args.model, tokenizer=tok, plan=plan, report=report,
-             dtype=_checkpoint_dtype(config), force=args.force)
+             dtype=checkpoint_dtype(config), force=args.force)
         shutil.rmtree(work, ignore_errors=True)
     acc.wait_for_everyone()
     return report
