@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import fields
+import typing
+from dataclasses import MISSING, fields
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import transformers
 import lopper
 from lopper import api
 from lopper.cli import COMMANDS, build_parser, main
+from lopper.options import convert, flag, resolve_args
 from tiny import tree_digest
 
 FAST = ["--calib-samples", "4", "--seq-len", "32", "--quiet"]
@@ -124,13 +126,31 @@ def test_the_documented_commands_exist():
 
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_every_argument_field_is_a_flag(command):
-    """The CLI is generated from the dataclasses: each field parses into the same name, with the same default."""
+    """The CLI is generated from the dataclasses: each field is a flag (or the positional), and the string a flag is
+    given becomes the field's value, converted to its type, so `--x D` with the default D gives the default."""
     cls = COMMANDS[command][0]
-    positional = [f.name for f in fields(cls) if f.metadata.get("positional")]
-    required = [f for f in fields(cls) if f.metadata.get("required")]
-    argv = [command, "MODEL"] + [x for f in required for x in ("--" + f.name.replace("_", "-"), "X")]
-    ns = vars(build_parser().parse_args(argv))
+    argv, expected = [command], {}
     for f in fields(cls):
-        assert f.name in ns, f.name
-        if f.name not in positional and f not in required:
-            assert ns[f.name] == f.default, f.name
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if f.metadata.get("positional"):
+            argv.append("MODEL")
+            expected[f.name] = ["MODEL"] if isinstance(default, list) else "MODEL"
+        elif isinstance(default, bool):
+            argv.append(flag(f.name))
+            expected[f.name] = True
+        else:
+            value = default or (["X"] if isinstance(default, list) else default)
+            argv += [flag(f.name), *(value if isinstance(value, list) else [str(value)])]
+            expected[f.name] = value
+    ns = vars(build_parser().parse_args(argv))
+    args = resolve_args(cls, None, {k: v for k, v in ns.items() if k != "command"})
+    hints = typing.get_type_hints(cls)
+    assert {f.name: convert(getattr(args, f.name), hints[f.name], f.name) for f in fields(cls)} == expected
+
+
+def test_help_shows_the_option_groups(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["prune", "-h"])
+    out = capsys.readouterr().out
+    titles = [line.split(":")[0] for line in out.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
+    assert titles[:8] == ["options", "Model", "What to remove", "Speed target", "Scoring", "Repair", "Sparsity", "Run"]

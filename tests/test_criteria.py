@@ -11,8 +11,8 @@ from lopper.arch import adapter_for
 from lopper.errors import LopperError
 from lopper.arch.base import out_dim
 from lopper.gradient import _checkpointing, _embedding_loss, fisher_scores
-from lopper.importance import collect, width_scores
-from lopper.plan import Plan, validate
+from lopper.importance import width_scores
+from lopper.plan import validate
 from lopper.select import Target, choose
 from tiny import tiny_model
 

@@ -22,7 +22,7 @@ def weights(folder):
 def test_repair_auto_repairs_a_cut_and_a_replay_repeats_it(model_dir, tmp_path):
     src = model_dir("llama")
     auto = lopper.prune(model=str(src), out=str(tmp_path / "auto"), mlp=0.5, **FAST)
-    lsq = lopper.prune(model=str(src), out=str(tmp_path / "lsq"), mlp=0.5, repair="lsq", **FAST)
+    lopper.prune(model=str(src), out=str(tmp_path / "lsq"), mlp=0.5, repair="lsq", **FAST)
     off = lopper.prune(model=str(src), out=str(tmp_path / "off"), mlp=0.5, repair="none", **FAST)
     assert auto["args"]["repair"] == "lsq" and auto["plan"]["repair"] == "lsq"
     assert off["plan"]["repair"] == "none"
@@ -56,7 +56,7 @@ def test_repair_auto_is_off_without_a_tokenizer_or_a_cut(tmp_path):
 
 
 def test_unknown_repair_is_refused_by_the_api(model_dir, tmp_path):
-    with pytest.raises(lopper.LopperError, match="--repair 'LSQ' is unknown"):
+    with pytest.raises(lopper.LopperError, match="--repair 'LSQ' is not one of auto, none, lsq"):
         lopper.prune(model=str(model_dir("llama")), out=str(tmp_path / "out"), mlp=0.5, repair="LSQ", **FAST)
 
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from lopper import surgery
 from lopper.arch import adapter_for
 from lopper.evaluate import planned_params
-from lopper.plan import Plan, identity_plan
+from lopper.plan import identity_plan
 from plans import draw_plan, uniform_plan
 from checks import check_rebuilds_from_config, check_shapes, cut_and_compare, n_params
 from tiny import DECODERS, FAMILIES, tiny_model

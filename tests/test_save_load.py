@@ -3,7 +3,6 @@ for non-standard layouts; its report counts what was saved, its plan replays bit
 cache works after layers are removed."""
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 

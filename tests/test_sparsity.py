@@ -396,7 +396,7 @@ BAD = [
     (dict(sparsity_pattern="2:4", sparsity_allocation="owl"), "owl"),
     (dict(sparsity=0.5, sparsity_criterion="sparsegpt", sparsity_scope="global"), "row or layer"),
     (dict(sparsity=0.5, sparsity_allocation="owl", sparsity_scope="global"), "choose one"),
-    (dict(sparsity=0.5, sparsity_criterion="obs"), "unknown"),
+    (dict(sparsity=0.5, sparsity_criterion="obs"), "is not one of"),
     (dict(sparsity=0.5, sparsity_ignore="("), "regular expression"),
     (dict(sparsity_criterion="magnitude"), "do nothing without --sparsity"),
     (dict(sparsity=0.5, sparsity_ignore="layers"), "leaves no Linear"),

@@ -6,17 +6,17 @@ import copy
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import transformers
 
-from . import __version__
+from .version import __version__
 from .errors import LopperError
 from .evaluate import calibration_loss, count_params, perplexity, planned_params, weights_size
 from .importance import collect, width_scores
-from .io import check_output, load_model, model_source, read_config, resolve_dtype, save
+from .io import DTYPES, check_output, checkpoint_dtype, load_model, model_source, read_config, resolve_dtype, save
+from .options import Options, arg_field, flag, resolve_args, set_quiet
 from .plan import Plan
 from .repair import repair
 from . import sparsity as sp
@@ -28,71 +28,157 @@ from .text import calibration_windows
 log = logging.getLogger("lopper")
 
 
-def arg_field(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
-
-
 @dataclass(kw_only=True)
-class Selection:
-    """What to remove and how to choose it; shared by `plan` and `prune`."""
+class ModelOptions(Options):
+    """Model"""
 
     model: str = arg_field("", "Hugging Face model folder, hub id or .gguf file", positional=True)
     gguf_file: str = arg_field("", "read this .gguf file inside the MODEL folder (dequantized)")
+
+    def check_group(self) -> None:
+        if not self.model:
+            raise LopperError("no model given: pass a Hugging Face model folder or hub id")
+
+
+@dataclass(kw_only=True)
+class RemoveOptions(Options):
+    """What to remove: a fraction of the parameters, counts per structure, or a saved plan"""
+
+    params: float = arg_field(0.0, "fraction of non-embedding parameters to remove; lopper picks depth and width")
     drop_layers: int = arg_field(0, "decoder/encoder layers to remove")
     heads: float = arg_field(0.0, "fraction of attention heads to remove (whole KV groups when a multiple of 1/kv_heads)")
     mlp: float = arg_field(0.0, "fraction of MLP channels to remove")
     hidden: float = arg_field(0.0, "fraction of hidden (embedding) channels to remove")
     experts: float = arg_field(0.0, "mixture-of-experts: fraction of each layer's experts to remove (--mlp also cuts "
-                          "channels inside every kept expert)")
-    params: float = arg_field(0.0, "fraction of non-embedding parameters to remove; lopper picks depth and width")
+                               "channels inside every kept expert)")
+    plan: str = arg_field("", "replay this plan JSON instead of choosing")
+    params_search: str = arg_field("half", "how --params splits depth and width: half = half the cut by depth (none up "
+                                   "to 35%% with --allocation global); loss = try 0-100%% depth and keep the lowest "
+                                   "calibration loss (slower)", choices=("half", "loss"))
+    allocation: str = arg_field("uniform", "per-layer widths: uniform (a standard checkpoint), or global (one ranking "
+                                "of each structure's units across layers; widths differ, saved in a lopper layout "
+                                "that lopper.load() rebuilds; no better than uniform on SmolLM2: "
+                                "docs/allocation.md)", choices=("uniform", "global"))
+    min_keep: float = arg_field(0.25, "with --allocation global: every layer keeps at least this fraction of each width")
+    protect_first: int = arg_field(1, "first layers never removed")
+    protect_last: int = arg_field(1, "last layers never removed")
+    round_to: int = arg_field(0, "kept widths are multiples of this (0: from the model's size, --device and --dtype)")
+
+    def removes(self) -> bool:
+        return bool(self.params or self.drop_layers or self.heads or self.mlp or self.hidden or self.experts)
+
+    def check_group(self) -> None:
+        if not 0.0 <= self.params < 1.0:
+            raise LopperError(f"--params {self.params} is out of range: give the fraction to remove, 0 <= F < 1")
+        if self.params and (self.drop_layers or self.heads or self.mlp or self.hidden):
+            raise LopperError("--params chooses depth and width itself: drop --drop-layers/--heads/--mlp/--hidden")
+        if self.plan and self.removes():
+            raise LopperError("--plan replays a plan as it is: drop the other selection options (--params/"
+                              "--drop-layers/--heads/--mlp/--hidden/--experts)")
+        for name in ("protect_first", "protect_last", "round_to"):
+            if getattr(self, name) < 0:
+                raise LopperError(f"{flag(name)} {getattr(self, name)} must not be negative")
+        Target(drop_layers=self.drop_layers, heads=self.heads, mlp=self.mlp, hidden=self.hidden,
+               experts=self.experts, allocation=self.allocation, min_keep=self.min_keep).check_fractions()
+
+
+@dataclass(kw_only=True)
+class SpeedOptions(Options):
+    """Speed target: a measured prefill speed-up instead of a size"""
+
     target_speedup: float = arg_field(0.0, "measured prefill speed-up S > 1 to reach on --device at --speed-batch x "
-                                 "--speed-len; lopper picks depth and width from per-layer timings (0: off)")
+                                      "--speed-len; lopper picks depth and width from per-layer timings (0: off)")
     speed_batch: int = arg_field(8, "batch of the prefill that --target-speedup times")
     speed_len: int = arg_field(256, "tokens per sequence of the prefill that --target-speedup times")
-    plan: str = arg_field("", "replay this plan JSON instead of choosing")
+
+    def check_group(self) -> None:
+        if self.target_speedup and self.target_speedup <= 1.0:
+            raise LopperError(f"--target-speedup {self.target_speedup} is not a speed-up: give a factor above 1, "
+                              "e.g. 1.5 (or 0 for off)")
+        if self.target_speedup and min(self.speed_batch, self.speed_len) < 1:
+            raise LopperError("--speed-batch and --speed-len must be at least 1")
+
+
+@dataclass(kw_only=True)
+class ScoringOptions(Options):
+    """Scoring: calibration text and importance criteria"""
+
     calib: str = arg_field("", "calibration text file (default: built-in public-domain English)")
     calib_samples: int = arg_field(32, "calibration windows")
     seq_len: int = arg_field(256, "tokens per calibration window")
     layer_metric: str = arg_field("bi", "layer importance (sleb: greedy removal by calibration loss, slower)",
-                             choices=("bi", "angular", "sleb"))
-    width_metric: str = arg_field("activation", "width importance (fisher: squared first-order Taylor mask gradients of "
-                             "the LM loss, one backward per window; fluctuation: FLAP's input variance x squared "
-                             "weight column)",
-                             choices=("magnitude", "activation", "fisher", "fluctuation"))
-    params_search: str = arg_field("half", "how --params splits depth and width: half = half the cut by depth (none up to "
-                              "35%% with --allocation global); loss = try 0-100%% depth and keep the lowest "
-                              "calibration loss (slower)", choices=("half", "loss"))
-    repair: str = arg_field("auto", "after cutting: lsq = least-squares refit of output projections on calibration text; "
-                       "auto (default) = lsq whenever something is removed and the model has a tokenizer (a "
-                       "replayed --plan: as its run did); none = off",
-                       choices=("auto", "none", "lsq"))
-    repair_damp: float = arg_field(0.001, "ridge term of --repair lsq, a fraction of the mean diagonal of each Gram matrix")
+                                  choices=("bi", "angular", "sleb"))
+    width_metric: str = arg_field("activation", "width importance (fisher: squared first-order Taylor mask gradients "
+                                  "of the LM loss, one backward per window; fluctuation: FLAP's input variance x "
+                                  "squared weight column)", choices=("magnitude", "activation", "fisher", "fluctuation"))
+
+    def check_group(self) -> None:
+        if self.calib_samples < 1 or self.seq_len < 2:
+            raise LopperError(f"--calib-samples {self.calib_samples} / --seq-len {self.seq_len} too small: use at "
+                              "least 1 and 2")
+
+
+@dataclass(kw_only=True)
+class RepairOptions(Options):
+    """Repair: refit what is kept so the cut model's outputs match the original's"""
+
+    repair: str = arg_field("auto", "after cutting: lsq = least-squares refit of output projections on calibration "
+                            "text; auto (default) = lsq whenever something is removed and the model has a tokenizer "
+                            "(a replayed --plan: as its run did); none = off", choices=("auto", "none", "lsq"))
+    repair_damp: float = arg_field(0.001, "ridge term of --repair lsq, a fraction of the mean diagonal of each Gram "
+                                   "matrix")
     repair_units: str = arg_field("obs", "with --repair lsq: obs = the repair re-chooses which MLP channels each layer "
-                             "keeps (the plan's counts) by greedy OBS on its calibration inputs, and the saved plan "
-                             "says which; plan = keep the plan's channels (always so with --plan)",
-                             choices=("obs", "plan"))
-    repair_correct: float = arg_field(0.3, "with --repair lsq in pre-norm decoders: the share of the gap to the unpruned "
-                                 "model's residual stream each refit layer also closes (0: its own output only)")
-    sparsity: float = arg_field(0.0, "then zero this fraction of the remaining Linear weights in the layers (0: off; an "
-                           "N:M pattern implies 1 - N/M)")
+                                  "keeps (the plan's counts) by greedy OBS on its calibration inputs, and the saved "
+                                  "plan says which; plan = keep the plan's channels (always so with --plan)",
+                                  choices=("obs", "plan"))
+    repair_correct: float = arg_field(0.3, "with --repair lsq in pre-norm decoders: the share of the gap to the "
+                                      "unpruned model's residual stream each refit layer also closes (0: its own "
+                                      "output only)")
+
+    def check_group(self) -> None:
+        if self.repair_damp <= 0:
+            raise LopperError(f"--repair-damp {self.repair_damp} must be positive (it keeps the least squares "
+                              "solvable): e.g. 0.001")
+        if not 0.0 <= self.repair_correct <= 1.0:
+            raise LopperError(f"--repair-correct {self.repair_correct} is out of range: give a share 0 <= A <= 1, "
+                              "e.g. 0.3 (0: each layer reconstructs its own output only)")
+
+
+@dataclass(kw_only=True)
+class SparsityOptions(Options):
+    """Sparsity: zero weights inside what is kept (unstructured or N:M)"""
+
+    sparsity: float = arg_field(0.0, "then zero this fraction of the remaining Linear weights in the layers (0: off; "
+                                "an N:M pattern implies 1 - N/M)")
     sparsity_pattern: str = arg_field("unstructured", "unstructured, or N:M (N nonzeros in every M inputs: 2:4, 4:8)")
     sparsity_criterion: str = arg_field("wanda", "which weights to zero", choices=sp.CRITERIA)
     sparsity_scope: str = arg_field("row", "unstructured counts per output row, per module, or one global threshold",
-                               choices=sp.SCOPES)
+                                    choices=sp.SCOPES)
     sparsity_ignore: str = arg_field("", "regex: modules whose name matches are left dense (lm_head and embeddings "
-                                "always are)")
+                                     "always are)")
     sparsity_allocation: str = arg_field("uniform", "per-layer fractions: uniform, or owl (fewer zeros where "
-                                    "activations have more outliers)", choices=sp.ALLOCATIONS)
-    protect_first: int = arg_field(1, "first layers never removed")
-    protect_last: int = arg_field(1, "last layers never removed")
-    round_to: int = arg_field(0, "kept widths are multiples of this (0: from the model's size, --device and --dtype)")
-    allocation: str = arg_field("uniform", "per-layer widths: uniform (a standard checkpoint), or global (one ranking of "
-                           "each structure's units across layers; widths differ, saved in a lopper layout that "
-                           "lopper.load() rebuilds; no better than uniform on SmolLM2: docs/allocation.md)", choices=("uniform", "global"))
-    min_keep: float = arg_field(0.25, "with --allocation global: every layer keeps at least this fraction of each width")
+                                         "activations have more outliers)", choices=sp.ALLOCATIONS)
+
+    def check_group(self) -> None:
+        sp.Spec.from_args(self).check()
+
+
+@dataclass(kw_only=True)
+class RunOptions(Options):
+    """Run"""
+
     device: str = arg_field("cpu", "cpu or cuda")
-    dtype: str = arg_field("auto", "compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    dtype: str = arg_field("auto", "compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, "
+                           "float16", choices=("auto", *DTYPES))
+    config: str = arg_field("", "recipe: a YAML or JSON file of these options (a lopper_report.json replays its run); "
+                            "flags override it")
     quiet: bool = arg_field(False, "no progress bars or logs")
+
+
+@dataclass(kw_only=True)
+class Selection(ModelOptions, RemoveOptions, SpeedOptions, ScoringOptions, RepairOptions, SparsityOptions,
+                RunOptions):
+    """What to remove and how to choose it; shared by `plan` and `prune`."""
 
     def target(self) -> Target:
         return Target(drop_layers=self.drop_layers, heads=self.heads, mlp=self.mlp, hidden=self.hidden,
@@ -101,84 +187,78 @@ class Selection:
                       protect_last=self.protect_last, round_to=self.round_to, allocation=self.allocation,
                       min_keep=self.min_keep)
 
-    def check(self) -> None:
-        if not self.model:
-            raise LopperError("no model given: pass a Hugging Face model folder or hub id")
-        if not 0.0 <= self.params < 1.0:
-            raise LopperError(f"--params {self.params} is out of range: give the fraction to remove, 0 <= F < 1")
-        if self.target_speedup and (self.params or self.drop_layers or self.heads or self.mlp or self.hidden
-                                    or self.experts):
+    def check_group(self) -> None:
+        """The rules between groups."""
+        if self.target_speedup and self.removes():
             raise LopperError("--target-speedup chooses depth and width itself: drop --params/--drop-layers/--heads/"
-                              "--mlp/--hidden")
-        if self.target_speedup and self.target_speedup <= 1.0:
-            raise LopperError(f"--target-speedup {self.target_speedup} is not a speed-up: give a factor above 1, "
-                              "e.g. 1.5 (or 0 for off)")
-        if self.target_speedup and min(self.speed_batch, self.speed_len) < 1:
-            raise LopperError("--speed-batch and --speed-len must be at least 1")
+                              "--mlp/--hidden/--experts")
         if self.target_speedup and self.allocation != "uniform":
             raise LopperError("--target-speedup times uniform widths only: drop --allocation global")
-        if self.params and (self.drop_layers or self.heads or self.mlp or self.hidden):
-            raise LopperError("--params chooses depth and width itself: drop --drop-layers/--heads/--mlp/--hidden")
-        if self.plan and (self.params or self.target_speedup or self.drop_layers or self.heads or self.mlp
-                          or self.hidden):
-            raise LopperError("--plan replays a plan as it is: drop the other selection options")
-        if self.repair_damp <= 0:
-            raise LopperError(f"--repair-damp {self.repair_damp} must be positive (it keeps the least squares "
-                              "solvable): e.g. 0.001")
-        if not 0.0 <= self.repair_correct <= 1.0:
-            raise LopperError(f"--repair-correct {self.repair_correct} is out of range: give a share 0 <= A <= 1, "
-                              "e.g. 0.3 (0: each layer reconstructs its own output only)")
-        if self.repair not in ("auto", "none", "lsq"):
-            raise LopperError(f"--repair {self.repair!r} is unknown: use auto, lsq or none")
-        if self.repair_units not in ("obs", "plan"):
-            raise LopperError(f"--repair-units {self.repair_units!r} is unknown: use obs or plan")
-        if self.width_metric not in ("magnitude", "activation", "fisher", "fluctuation"):
-            raise LopperError(f"--width-metric {self.width_metric!r} is unknown: use magnitude, activation, fisher "
-                              "or fluctuation")
-        self.target().check_fractions()
+        if self.plan and self.target_speedup:
+            raise LopperError("--plan replays a plan as it is: drop --target-speedup")
         sp.check_args(self)
 
 
 @dataclass(kw_only=True)
-class PlanArgs(Selection):
-    out: str = arg_field("", "where to write the plan JSON", required=True)
-    force: bool = arg_field(False, "overwrite an existing plan file")
+class OutputOptions(Options):
+    """Output"""
+
+    out: str = arg_field("", "output path (written atomically)", required=True)
+    force: bool = arg_field(False, "replace an existing output")
+
+    def check_group(self) -> None:
+        if not self.out:
+            raise LopperError("no --out given: name the output to write")
 
 
 @dataclass(kw_only=True)
-class PruneArgs(Selection):
-    out: str = arg_field("", "output model folder (written atomically)", required=True)
-    force: bool = arg_field(False, "replace an existing output folder")
+class PlanArgs(Selection, OutputOptions):
+    """Arguments of `lopper plan` (--out: the plan JSON to write)."""
+
+
+@dataclass(kw_only=True)
+class EvalTextOptions(Options):
+    """Evaluation"""
+
     eval_text: str = arg_field("", "also report perplexity before and after on this text file")
     eval_seq_len: int = arg_field(512, "window for --eval-text")
     eval_max_tokens: int = arg_field(0, "cap on --eval-text tokens (0: all)")
 
 
 @dataclass(kw_only=True)
-class EvalArgs:
+class PruneArgs(Selection, OutputOptions, EvalTextOptions):
+    """Arguments of `lopper prune` (--out: the model folder to write)."""
+
+
+@dataclass(kw_only=True)
+class EvalArgs(Options):
+    """Model and evaluation"""
+
     model: str = arg_field("", "model folder (standard or saved by lopper) or .gguf file", positional=True)
     gguf_file: str = arg_field("", "read this .gguf file inside the MODEL folder (dequantized)")
     text: str = arg_field("", "text file for perplexity (causal LMs)")
     seq_len: int = arg_field(512, "tokens per non-overlapping window")
     max_tokens: int = arg_field(0, "cap on tokens read (0: all)")
     device: str = arg_field("cpu", "cpu or cuda")
-    dtype: str = arg_field("auto", "compute dtype")
+    dtype: str = arg_field("auto", "compute dtype", choices=("auto", *DTYPES))
     json: str = arg_field("", "also write the results to this JSON file")
     quiet: bool = arg_field(False, "no progress bars")
-    tasks: str = arg_field("", "zero-shot tasks through lm-evaluation-harness, comma separated: lambada (lambada_openai), "
-                      "hellaswag, piqa, arc_easy, arc_challenge or any lm-eval task name (needs lopper[eval])")
+    tasks: str = arg_field("", "zero-shot tasks through lm-evaluation-harness, comma separated: lambada "
+                           "(lambada_openai), hellaswag, piqa, arc_easy, arc_challenge or any lm-eval task name "
+                           "(needs lopper[eval])")
     limit: int = arg_field(0, "with --tasks: the first N examples of each task (0: all)")
     task_data: str = arg_field("", "with --tasks: read the data from this local folder (layout: docs/zeroshot.md) "
-                          "instead of the Hugging Face hub")
+                               "instead of the Hugging Face hub")
     batch: int = arg_field(8, "with --tasks: batch size of the log-likelihood requests")
+    config: str = arg_field("", "recipe: a YAML or JSON file of these options; flags override it")
 
-
-def resolve_args(cls, args, kwargs):
-    if args is None:
-        return cls(**kwargs)
-    if kwargs:
-        raise TypeError("pass either an arguments dataclass or keywords, not both")
-    return args
+    def check_group(self) -> None:
+        if not self.model:
+            raise LopperError("no model given: pass a model folder")
+        if (self.limit or self.task_data) and not self.tasks:
+            raise LopperError("--limit and --task-data apply to zero-shot tasks: add --tasks, e.g. --tasks lambada,piqa")
+        if self.seq_len < 2:
+            raise LopperError(f"--seq-len {self.seq_len} is too small: use at least 2")
 
 
 def resolve_repair(args: Selection, tokenizer) -> Selection:
@@ -284,8 +364,6 @@ def plan(args: PlanArgs | None = None, /, **kwargs) -> Plan:
     args = resolve_args(PlanArgs, args, kwargs)
     args.check()
     out = Path(args.out)
-    if not args.out:
-        raise LopperError("no --out given: name the plan JSON file to write")
     if out.exists() and not args.force:
         raise LopperError(f"--out {out} already exists: choose another path or pass --force")
     set_quiet(args.quiet)
@@ -307,8 +385,6 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     """Load, score, plan, cut, save (atomically); returns the report also written as DIR/lopper_report.json."""
     args = resolve_args(PruneArgs, args, kwargs)
     args.check()
-    if not args.out:
-        raise LopperError("no --out given: name the output folder")
     source = model_source(args.model, args.gguf_file)
     check_output(args.out, args.force, source)
     set_quiet(args.quiet)
@@ -357,10 +433,7 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
 def evaluate(args: EvalArgs | None = None, /, **kwargs) -> dict:
     """Parameters, size on disk and (for causal LMs) perplexity on --text and zero-shot accuracy on --tasks."""
     args = resolve_args(EvalArgs, args, kwargs)
-    if not args.model:
-        raise LopperError("no model given: pass a model folder")
-    if (args.limit or args.task_data) and not args.tasks:
-        raise LopperError("--limit and --task-data apply to zero-shot tasks: add --tasks, e.g. --tasks lambada,piqa")
+    args.check()
     names = zeroshot.check(args.tasks, args.task_data, args.limit, args.batch) if args.tasks else []
     set_quiet(args.quiet)
     source = model_source(args.model, args.gguf_file)
@@ -414,20 +487,3 @@ def _maybe_ppl(model, tok, args: PruneArgs):
     if not getattr(args, "eval_text", "") or tok is None or not hasattr(model, "lm_head"):
         return None
     return perplexity(model, tok, args.eval_text, args.eval_seq_len, args.eval_max_tokens, args.quiet)
-
-
-def checkpoint_dtype(config) -> torch.dtype | None:
-    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(d, str):
-        d = getattr(torch, d, None)
-    return d if isinstance(d, torch.dtype) else None
-
-
-def set_quiet(quiet: bool) -> None:
-    logging.basicConfig(format="%(message)s")
-    log.setLevel(logging.WARNING if quiet else logging.INFO)
-    if quiet:
-        transformers.utils.logging.disable_progress_bar()
-        transformers.utils.logging.set_verbosity_error()
-    else:
-        transformers.utils.logging.enable_progress_bar()

@@ -38,17 +38,19 @@ from pathlib import Path
 import torch
 import transformers
 
-from . import __version__
-from .api import resolve_args, arg_field, set_quiet
+from .version import __version__
 from .errors import LopperError
 from .evaluate import count_params, weights_size
-from .io import load_model
+from .io import load_model, resolve_dtype
+from .options import Options, arg_field, resolve_args, set_quiet
 
 log = logging.getLogger("lopper")
 
 
 @dataclass(kw_only=True)
-class BenchArgs:
+class BenchArgs(Options):
+    """Models and measurement"""
+
     models: list[str] = field(default_factory=list, metadata={
         "help": "model folders (standard or saved by lopper) or .gguf files; ratios are against the first",
         "positional": True})
@@ -63,7 +65,7 @@ class BenchArgs:
     markdown: str = arg_field("", "also write the Markdown table to this file")
     quiet: bool = arg_field(False, "no table printed, no logs")
 
-    def check(self) -> None:
+    def check_group(self) -> None:
         if not self.models:
             raise LopperError("no model given: pass one or more model folders")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -127,18 +129,20 @@ def random_ids(model, batch: int, length: int, device: str) -> torch.Tensor:
     return torch.randint(min(4, vocab - 1), vocab, (batch, length), generator=g).to(device)
 
 
-def _prefill_fn(model, args: BenchArgs, causal: bool):
-    """() -> seconds of one forward without cache at batch B, length P."""
-    ids = random_ids(model, args.batch, args.prompt_len, args.device)
+def prefill_fn(model, batch: int, length: int, device: str):
+    """() -> seconds of one forward of random ids [batch, length] without cache (causal LMs: the last position's
+    logits only, as generation needs). The one prefill timer: `lopper bench` and --target-speedup both use it."""
+    ids = random_ids(model, batch, length, device)
     kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if causal:
+    params = inspect.signature(model.forward).parameters
+    if "use_cache" in params:
         kw["use_cache"] = False
-        if "logits_to_keep" in inspect.signature(model.forward).parameters:
-            kw["logits_to_keep"] = 1
+    if "logits_to_keep" in params:
+        kw["logits_to_keep"] = 1
 
     @torch.inference_mode()
     def once():
-        return timed(lambda: model(**kw), args.device)
+        return timed(lambda: model(**kw), device)
 
     return once
 
@@ -197,7 +201,8 @@ def bench_group(paths: list[str], args: BenchArgs) -> list[dict]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     log.info(f"prefill: {', '.join(paths)}")
-    for (model, causal, r), secs in zip(loaded, _interleaved([_prefill_fn(m, args, c) for m, c, _ in loaded], args)):
+    for (model, causal, r), secs in zip(loaded, _interleaved([prefill_fn(m, args.batch, args.prompt_len, args.device) for m, _, _ in loaded],
+                                                            args)):
         r["prefill"] = _prefill_summary(secs, args)
         r["decode"] = {} if causal else None
     causal = [(m, r) for m, c, r in loaded if c]
@@ -291,13 +296,10 @@ def markdown(report: dict) -> str:
 def bench(args: BenchArgs | None = None, /, **kwargs) -> dict:
     """Measure every model of `args.models` (see the module docstring); returns the report also written to --json."""
     args = resolve_args(BenchArgs, args, kwargs)
-    if isinstance(args.models, str):
-        args.models = [args.models]
     args.check()
     set_quiet(args.quiet)
     groups = [[m] for m in args.models] if args.device.startswith("cuda") else [args.models]
     results = [r for g in groups for r in bench_group(g, args)]
-    from .io import resolve_dtype
     report = {"lopper_version": __version__, "args": asdict(args),
               "dtype": str(resolve_dtype(args.dtype, args.device)).removeprefix("torch."),
               "machine": {"platform": platform.platform(), "processor": platform.processor(),

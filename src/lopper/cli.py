@@ -4,13 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import MISSING
 
 from . import api, zeroshot
 from .errors import LopperError
 from .bench import BenchArgs, bench
 from .export import ExportArgs, export
 from .heal import HealArgs, heal
+from .options import flag, groups, resolve_args
 
 COMMANDS = {
     "plan": (api.PlanArgs, api.plan, "score and choose what to remove; write the plan JSON without cutting"),
@@ -25,21 +26,27 @@ COMMANDS = {
 
 
 def add_fields(parser: argparse.ArgumentParser, cls) -> None:
-    for f in fields(cls):
-        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not MISSING else None
-        if meta.get("positional"):
-            nargs = {"nargs": "+"} if str(f.type) == "list[str]" else {}
-            parser.add_argument(f.name, help=meta.get("help"), **nargs)
-        elif f.type in (bool, "bool"):
-            parser.add_argument(flag, action="store_true", help=meta.get("help"))
-        elif str(f.type) == "list[str]":
-            parser.add_argument(flag, nargs="+", default=[], metavar="FILE", required=meta.get("required", False),
-                                help=meta.get("help"))
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(str(f.type), str)
-            parser.add_argument(flag, type=kind, default=default, choices=meta.get("choices"),
-                                required=meta.get("required", False), help=f"{meta.get('help')} (default: {default})")
+    """One argparse group per options group of `cls`. Values stay strings and only the flags given are set
+    (argparse.SUPPRESS), so the dataclass converts and checks them as it does for the Python API, and a --config
+    recipe fills the rest."""
+    for title, group_fields in groups(cls):
+        group = parser.add_argument_group(title)
+        for f in group_fields:
+            meta, name = f.metadata, flag(f.name)
+            default = f.default if f.default is not MISSING else None
+            many = str(f.type) == "list[str]"
+            choices = meta.get("choices")
+            metavar = "{" + ",".join(map(str, choices)) + "}" if choices else None
+            if meta.get("positional"):
+                group.add_argument(f.name, nargs="*" if many else "?", default=argparse.SUPPRESS,
+                                   help=meta.get("help"))
+            elif f.type in (bool, "bool"):
+                group.add_argument(name, action="store_true", default=argparse.SUPPRESS, help=meta.get("help"))
+            elif many:
+                group.add_argument(name, nargs="+", default=argparse.SUPPRESS, metavar="FILE", help=meta.get("help"))
+            else:
+                group.add_argument(name, default=argparse.SUPPRESS, metavar=metavar,
+                                   help=f"{meta.get('help')} (default: {default})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(ns.out)
             return 0
         cls, fn, _ = COMMANDS[ns.command]
-        result = fn(cls(**{k: v for k, v in vars(ns).items() if k != "command"}))
+        result = fn(resolve_args(cls, None, {k: v for k, v in vars(ns).items() if k != "command"}))
     except LopperError as e:
         print(f"lopper: error: {e}", file=sys.stderr)
         return 2

@@ -31,11 +31,11 @@ import torch
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
-from . import __version__
-from .api import resolve_args, checkpoint_dtype, arg_field, set_quiet
+from .version import __version__
 from .errors import LopperError
 from .evaluate import count_params
-from .io import (PLAN_FILE, add_legacy_config_keys, check_output, copy_side_files, load_model, read_config,
+from .options import Options, arg_field, resolve_args, set_quiet
+from .io import (PLAN_FILE, checkpoint_dtype, add_legacy_config_keys, check_output, copy_side_files, load_model, read_config,
                  staged)
 
 log = logging.getLogger("lopper")
@@ -48,7 +48,9 @@ EXPORT_REPORT = "lopper_export.json"
 
 
 @dataclass(kw_only=True)
-class ExportArgs:
+class ExportArgs(Options):
+    """Model and layout"""
+
     model: str = arg_field("", "model folder to export (standard, or saved by lopper with per-layer widths)",
                       positional=True)
     out: str = arg_field("", "output folder (written atomically)", required=True)
@@ -56,6 +58,12 @@ class ExportArgs:
                        "vLLM, SGLang, TensorRT-LLM and llama.cpp's converter)", choices=FORMATS)
     force: bool = arg_field(False, "replace an existing output folder")
     quiet: bool = arg_field(False, "no logs")
+
+    def check_group(self) -> None:
+        if not self.model:
+            raise LopperError("no model given: pass the pruned model folder to export")
+        if not self.out:
+            raise LopperError("no --out given: name the output folder")
 
 
 def ffn_width(ffn_mult: float, hidden: int) -> int:
@@ -75,10 +83,7 @@ def export(args: ExportArgs | None = None, /, **kwargs) -> dict:
     """Load `args.model` (a lopper output or standard folder of FAMILIES), write it in `args.format` to `args.out`
     (temporary folder, then rename); returns the report also written as lopper_export.json."""
     args = resolve_args(ExportArgs, args, kwargs)
-    if args.format not in FORMATS:
-        raise LopperError(f"--format {args.format!r} is unknown: use one of {', '.join(FORMATS)}")
-    if not args.out:
-        raise LopperError("no --out given: name the output folder")
+    args.check()
     check_output(args.out, args.force, args.model)  # before the load: fail fast on a taken folder or a wrong family
     source = read_config(args.model)
     _check_family(source)

@@ -15,7 +15,7 @@ from accelerate import init_empty_weights
 from safetensors.torch import load_file
 from transformers.utils import is_gguf_available
 
-from .arch import SUPPORTED, Adapter, adapter_class
+from .arch import SUPPORTED, adapter_class
 from .errors import LopperError, one_line
 from .plan import Plan
 
@@ -37,6 +37,14 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name not in DTYPES:
         raise LopperError(f"--dtype {name!r} is unknown: use auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def checkpoint_dtype(config) -> torch.dtype | None:
+    """The dtype a config says its weights are stored in (outputs are saved in it), or None."""
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        d = getattr(torch, d, None)
+    return d if isinstance(d, torch.dtype) else None
 
 
 def read_config(source: str):

@@ -29,7 +29,6 @@ Hidden channels are not varied (their cut changes every shape at once); the plan
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 import statistics
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 
 from .arch import Adapter
+from .bench import prefill_fn
 from .errors import LopperError
 from .importance import Stats, WidthScores, block_influence
 from .plan import Plan, identity_plan
@@ -50,21 +50,8 @@ Timer = Callable[[torch.nn.Module], float]
 
 
 def prefill_timer(batch: int, length: int, device: str) -> Timer:
-    """model -> seconds of one forward of random ids [batch, length] without cache (causal LMs: last logits only)."""
-    from .bench import random_ids, timed
-
-    @torch.inference_mode()
-    def time_one(model) -> float:
-        ids = random_ids(model, batch, length, device)
-        kw = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        params = inspect.signature(model.forward).parameters
-        if "use_cache" in params:
-            kw["use_cache"] = False
-        if "logits_to_keep" in params:
-            kw["logits_to_keep"] = 1
-        return timed(lambda: model(**kw), device)
-
-    return time_one
+    """model -> seconds of one forward of random ids [batch, length] without cache (bench.prefill_fn)."""
+    return lambda model: prefill_fn(model, batch, length, device)()
 
 
 def median_times(models: list, timer: Timer, repeats: int = 3, warmup: int = 1) -> list[float]:

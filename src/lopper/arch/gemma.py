@@ -18,7 +18,6 @@ scaled by sqrt(r), the per-head norms get the scaled epsilon). The config requir
 """
 import math
 
-import torch
 from torch import nn
 
 from .base import Adapter, match_qk_norm_eps

@@ -1,18 +1,21 @@
 """The arguments of `lopper heal` (the CLI flags are generated from this dataclass, as for prune)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
-from ..api import arg_field
 from ..errors import LopperError
+from ..options import Options, arg_field, files_field
 
 
 @dataclass(kw_only=True)
-class HealArgs:
+class HealArgs(Options):
+    """Model, data and training"""
+
+    REPORT_SECTION = "heal"  # a healed model's lopper_report.json replays its heal (--config)
+
     model: str = arg_field("", "pruned model folder to heal (never modified)", positional=True)
     teacher: str = arg_field("", "the original model to distil from (same tokenizer); not needed with --kd-weight 0")
-    text: list[str] = field(default_factory=list, metadata={
-        "help": "training text files, tokenized as one stream", "required": True})
+    text: list[str] = files_field("training text files, tokenized as one stream", required=True)
     out: str = arg_field("", "output model folder (written atomically)", required=True)
     tokens: int = arg_field(0, "cap on the tokens trained on (0: one pass over --text)")
     seq_len: int = arg_field(512, "tokens per training window (at most the model's context)")
@@ -46,14 +49,14 @@ class HealArgs:
                           "continues (0: run to the end)")
     force: bool = arg_field(False, "replace an existing --out; without --resume, also discard an interrupted run")
     quiet: bool = arg_field(False, "no progress bars or logs")
+    config: str = arg_field("", "recipe: a YAML or JSON file of these options (a heal lopper_report.json replays "
+                            "its run); flags override it")
 
-    def check(self) -> None:
+    def check_group(self) -> None:
         if not self.model:
             raise LopperError("no model given: pass the pruned model folder to heal")
         if not self.out:
             raise LopperError("no --out given: name the output folder")
-        if isinstance(self.text, str):
-            self.text = [self.text]
         if not self.text:
             raise LopperError("no --text given: name one or more training text files")
         if not 0.0 <= self.kd_weight <= 1.0:
@@ -75,10 +78,6 @@ class HealArgs:
             raise LopperError(f"--warmup {self.warmup} is out of range: give a fraction of the steps, 0 <= F < 1")
         if self.lr < 0:
             raise LopperError(f"--lr {self.lr} must not be negative")
-        for f in fields(self):
-            choices, value = f.metadata.get("choices"), getattr(self, f.name)
-            if choices and value not in choices:
-                raise LopperError(f"--{f.name.replace('_', '-')} {value!r} is unknown: use {', '.join(choices)}")
         if self.eval_every and not self.eval_text:
             raise LopperError("--eval-every needs --eval-text: name a held-out text file")
 

@@ -25,12 +25,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .. import __version__
-from ..api import resolve_args, checkpoint_dtype, set_quiet
+from ..version import __version__
 from ..arch import adapter_class
 from ..errors import LopperError
 from ..evaluate import count_params, perplexity
-from ..io import PLAN_FILE, REPORT_FILE, check_output, load_model, read_config, save
+from ..io import PLAN_FILE, REPORT_FILE, check_output, checkpoint_dtype, load_model, read_config, save
+from ..options import resolve_args, set_quiet
 from ..plan import Plan
 from . import data
 from .args import HealArgs
