@@ -36,44 +36,9 @@ from tqdm.auto import tqdm
 
 from .arch import Adapter
 from .arch.base import in_dim, out_dim
+from .layerwise import call_layer, capture_layer_inputs
 from .plan import Plan
 from .surgery import removed_cuts, zero
-
-
-class _Stop(Exception):
-    pass
-
-
-@torch.no_grad()
-def capture_layer_inputs(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor]):
-    """Per window: the hidden states entering layer 0 and the keyword arguments (masks, rotary embeddings)
-    every layer is called with; these depend on the tokens and the layer type, not on the weights."""
-    layers = adapter.layers()
-    hidden, kwargs = [], []
-    calls: list[dict] = []
-
-    def grab(module, args, kw):
-        calls.append({"x": args[0] if args else kw["hidden_states"], "args": args[1:],
-                      "kw": {k: v for k, v in kw.items() if k != "hidden_states"}})
-        if module is layers[-1]:
-            raise _Stop
-
-    hooks = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
-    device = next(model.parameters()).device
-    try:
-        for ids in batches:
-            calls.clear()
-            try:
-                model(input_ids=ids.to(device), use_cache=False) if not adapter.is_encoder else model(
-                    input_ids=ids.to(device))
-            except _Stop:
-                pass
-            hidden.append(calls[0]["x"])
-            kwargs.append([(c["args"], c["kw"]) for c in calls])
-    finally:
-        for h in hooks:
-            h.remove()
-    return hidden, kwargs
 
 
 @torch.no_grad()
@@ -141,12 +106,6 @@ def _toward_teacher(adapter, layers, i, nxt, cuts, xs, ts, calls, damp, alpha, c
 def _within(cuts: dict, module: nn.Module) -> dict:
     inside = {id(m) for m in module.modules()}
     return {k: v for k, v in cuts.items() if id(k[0]) in inside}
-
-
-def call_layer(layer, x, call):
-    args, kw = call
-    y = layer(x, *args, **kw)
-    return y[0] if isinstance(y, tuple) else y
 
 
 def _run(layer, x, call, modules):

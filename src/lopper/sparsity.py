@@ -55,7 +55,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .arch import Adapter
 from .errors import LopperError
-from .repair import call_layer, capture_layer_inputs
+from .layerwise import call_layer, capture_layer_inputs
 
 log = logging.getLogger("lopper")
 
