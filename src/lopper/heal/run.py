@@ -6,6 +6,10 @@ Scaling is accelerate's: model, optimizer, data loader and scheduler go through 
 trains on the same items (see data.py), so 1 process with --batch 2B and 2 processes with --batch B train the same
 model. Checkpoints (accelerate's save_state: model, optimizer, scheduler, RNG, plus the step, which fixes the data
 position) go to OUT.heal-work/, which is removed once the output is written.
+
+Read in order: `heal` (the outline), setup (folders, accelerate, models, data, optimizer, resume), the step loop
+(`step_loss`, `train`, `checkpoint`), evaluation (`evaluate`, `_measure`) and the output with its report
+(`write_output`). One `Run` carries the state between them.
 """
 from __future__ import annotations
 
@@ -16,8 +20,9 @@ import os
 import shutil
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -66,14 +71,75 @@ class TrainState:
         self.__dict__.update(state)
 
 
+@dataclass
+class Run:
+    """What one heal holds from setup through the step loop, the evaluations and the report."""
+
+    args: HealArgs
+    acc: Any                  # accelerate.Accelerator
+    out: Path
+    work: Path                # OUT.heal-work: run.json, checkpoints, the best step's weights
+    config: Any               # the student's config as read from disk
+    encoder: bool
+    bf16: bool
+    teacher: nn.Module | None
+    tok: Any
+    adapter: Any
+    plan: Plan | None
+    keep: torch.Tensor | None  # encoders with a cut hidden width: the teacher's channels the student kept
+    seq_len: int
+    global_batch: int
+    steps: int
+    tokens_trained: int
+    loader: Any = None
+    model: nn.Module | None = None   # as prepared by accelerate (DDP-wrapped on several processes)
+    net: nn.Module | None = None     # the model itself (a PeftModel with --lora), for evaluation and saving
+    optimizer: Any = None
+    scheduler: Any = None
+    warmup: int = 0
+    trainable: int = 0
+    use_cache: bool | None = None
+    state: TrainState = field(default_factory=TrainState)
+    t_start: float = field(default_factory=time.time)
+    seconds_before: float = 0.0  # the earlier runs' seconds, when resumed
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+    @property
+    def metric(self) -> str:
+        return "embedding_loss" if self.encoder else "perplexity"
+
+
 def heal(args: HealArgs | None = None, /, **kwargs) -> dict | None:
     """Heal a pruned model; returns the report also written as OUT/lopper_report.json (its `heal` section is new) on
     the main process and None on the others. A run stopped by --max-steps returns {"stopped_at_step", "work"}."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list
-
     args = resolve_args(HealArgs, args, kwargs)
     args.check()
+    run = setup(args)
+    if args.eval_text and not run.state.evals:
+        evaluate(run)
+    if not train(run):
+        log.info("stopped after step %d (--max-steps): continue with --resume (last checkpoint: %s)", run.state.step,
+                 (_checkpoints(run.work) or ["none"])[-1])
+        return {"stopped_at_step": run.state.step, "work": str(run.work)} if run.main else None
+    if args.eval_text:
+        evaluate(run)
+    best = run.state.best
+    if best is not None and best[0] != run.state.step:
+        missing, unexpected = run.net.load_state_dict(load_file(run.work / best[2]), strict=False)
+        assert not unexpected, unexpected
+        log.info("output: the weights of step %d, the best on --eval-text", best[0])
+    report = write_output(run) if run.main else None
+    run.acc.wait_for_everyone()
+    return report
+
+
+# ---- setup ----------------------------------------------------------------------------------------------------------
+def setup(args: HealArgs) -> Run:
+    """Check the folders, start accelerate, load student and teacher, make the data, the optimizer and the schedule,
+    and either resume from the last checkpoint or start a fresh work folder."""
     out = check_output(args.out, args.force, args.model)
     config = read_config(args.model)
     encoder = adapter_class(config.model_type).is_encoder
@@ -87,6 +153,32 @@ def heal(args: HealArgs | None = None, /, **kwargs) -> dict | None:
         raise LopperError(f"--resume: {work} holds no checkpoint to continue from: run without --resume")
     if not args.resume and work.exists() and not args.force:
         raise LopperError(f"{work} holds an interrupted run: continue it with --resume, or pass --force to start over")
+    acc, bf16 = _accelerator(args, encoder)
+    set_quiet(args.quiet or not acc.is_main_process)
+    if args.quiet or not acc.is_main_process:
+        logging.getLogger("accelerate").setLevel(logging.ERROR)
+    if args.resume:
+        _check_resume(work, args, acc.num_processes)
+    t_start = time.time()
+    model, tok, adapter, teacher = _load(args, acc, bf16, use_teacher)
+    plan = Plan.load(Path(args.model) / PLAN_FILE) if (Path(args.model) / PLAN_FILE).is_file() else None
+    keep = _teacher_channels(args, model, teacher, plan) if encoder else None
+    seq_len = min(args.seq_len, getattr(config, "max_position_embeddings", None) or args.seq_len)
+    run = Run(args=args, acc=acc, out=out, work=work, config=config, encoder=encoder, bf16=bf16, teacher=teacher,
+              tok=tok, adapter=adapter, plan=plan, keep=keep.to(acc.device) if keep is not None else None,
+              seq_len=seq_len, global_batch=args.batch * args.grad_accum * acc.num_processes, steps=0,
+              tokens_trained=0, t_start=t_start)
+    _data(run)
+    _optimizer(run, model)
+    _start_or_resume(run)
+    return run
+
+
+def _accelerator(args: HealArgs, encoder: bool):
+    """The Accelerator for --device / --dtype, and whether it autocasts to bf16."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
     device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise LopperError("--device cuda, but no CUDA device is visible: use --device cpu")
@@ -99,18 +191,16 @@ def heal(args: HealArgs | None = None, /, **kwargs) -> dict | None:
     except ValueError as e:  # accelerate's state is per process: one device and precision per process
         raise LopperError(f"accelerate is already set up differently in this process ({e}): run heals with another "
                           "--device or --dtype in a process of their own")
-    main, world = acc.is_main_process, acc.num_processes
-    set_quiet(args.quiet or not main)
-    if args.quiet or not main:
-        logging.getLogger("accelerate").setLevel(logging.ERROR)
-    if args.resume:
-        _check_resume(work, args, world)
-    t_start = time.time()
+    return acc, bf16
 
-    model, tok, adapter = load_model(args.model, "cpu", "float32")  # float32 master weights; autocast for speed
+
+def _load(args: HealArgs, acc, bf16: bool, use_teacher: bool):
+    """Student (float32 master weights; autocast gives the speed), its tokenizer and adapter, and the teacher."""
+    model, tok, adapter = load_model(args.model, "cpu", "float32")
     teacher = None
     if use_teacher:
-        teacher, t_tok, _ = load_model(args.teacher, "cpu", "bfloat16" if bf16 and device == "cuda" else "float32")
+        teacher, t_tok, _ = load_model(args.teacher, "cpu", "bfloat16" if bf16 and acc.device.type == "cuda"
+                                       else "float32")
         _check_same_vocab(args, model, tok, teacher, t_tok)
         teacher.requires_grad_(False).to(acc.device).eval()
         tok = tok or t_tok
@@ -118,208 +208,231 @@ def heal(args: HealArgs | None = None, /, **kwargs) -> dict | None:
         log.info("--kd-weight 0: plain fine-tuning; the teacher is not loaded")
     if tok is None:
         raise LopperError(f"{args.model} has no tokenizer files, which reading --text needs: add them")
-    plan = Plan.load(Path(args.model) / PLAN_FILE) if (Path(args.model) / PLAN_FILE).is_file() else None
-    keep = _teacher_channels(args, model, teacher, plan) if encoder else None
-    keep = keep.to(acc.device) if keep is not None else None
+    return model, tok, adapter, teacher
 
-    seq_len = min(args.seq_len, getattr(config, "max_position_embeddings", None) or args.seq_len)
-    global_batch = args.batch * args.grad_accum * world
-    if encoder:
-        items = data.encoder_items(tok, args.text, seq_len, args.encoder_data, args.seed, args.tokens)
+
+def _data(run: Run) -> None:
+    """Training items (decoder windows or encoder lines), cut to whole global batches, and their loader."""
+    args, tok = run.args, run.tok
+    if run.encoder:
+        items = data.encoder_items(tok, args.text, run.seq_len, args.encoder_data, args.seed, args.tokens)
         collate = data.Pad(tok.pad_token_id if tok.pad_token_id is not None else 0)
     else:
-        items, collate = data.windows(tok, args.text, seq_len, args.seed, args.tokens), data.stack
-    steps = len(items) // global_batch
-    if steps == 0:
-        raise LopperError(f"--text gives {len(items)} training items but one step takes {global_batch} (--batch x "
+        items, collate = data.windows(tok, args.text, run.seq_len, args.seed, args.tokens), data.stack
+    run.steps = len(items) // run.global_batch
+    if run.steps == 0:
+        raise LopperError(f"--text gives {len(items)} training items but one step takes {run.global_batch} (--batch x "
                           "--grad-accum x processes): give more text, or lower --batch / --grad-accum / --seq-len")
-    items = items[:steps * global_batch]
-    tokens_trained = items.numel() if torch.is_tensor(items) else sum(len(x) for x in items)
-    loader = DataLoader(data.Items(items), batch_size=args.batch, shuffle=False, collate_fn=collate)
-    log.info("training on %d tokens: %d steps of %d items (%d per process and micro-batch)", tokens_trained, steps,
-             global_batch, args.batch)
+    items = items[:run.steps * run.global_batch]
+    run.tokens_trained = items.numel() if torch.is_tensor(items) else sum(len(x) for x in items)
+    run.loader = DataLoader(data.Items(items), batch_size=args.batch, shuffle=False, collate_fn=collate)
+    log.info("training on %d tokens: %d steps of %d items (%d per process and micro-batch)", run.tokens_trained,
+             run.steps, run.global_batch, args.batch)
 
-    use_cache = getattr(model.config, "use_cache", None)
+
+def _optimizer(run: Run, model: nn.Module) -> None:
+    """Gradient checkpointing, LoRA, AdamW and the warmup-cosine schedule; everything through accelerate.prepare."""
+    args = run.args
+    run.use_cache = getattr(model.config, "use_cache", None)
     if not args.no_gradient_checkpointing and model.supports_gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5.2x on
             model.activation_checkpointing_enable({"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if use_cache is not None:
+    if run.use_cache is not None:
         model.config.use_cache = False
     torch.manual_seed(args.seed)
     if args.lora:
-        model = _add_lora(model, adapter, args)
+        model = _add_lora(model, run.adapter, args)
     model.train()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    run.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.peak_lr(),
                                   betas=(0.9, 0.95), weight_decay=args.weight_decay)
-    warmup = round(args.warmup * steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(steps, warmup))
-    model, optimizer, loader, scheduler = acc.prepare(model, optimizer, loader, scheduler)
-    state = TrainState()
-    acc.register_for_checkpointing(state)
-    if args.resume:
+    run.warmup = round(args.warmup * run.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(run.steps, run.warmup))
+    run.model, run.optimizer, run.loader, run.scheduler = run.acc.prepare(model, optimizer, run.loader, scheduler)
+    run.net = run.acc.unwrap_model(run.model)
+
+
+def _start_or_resume(run: Run) -> None:
+    acc, work = run.acc, run.work
+    acc.register_for_checkpointing(run.state)
+    if run.args.resume:
         ckpt = _checkpoints(work)[-1]
         acc.load_state(str(ckpt))
-        state.resumed_from.append(state.step)
-        log.info("resuming from %s (step %d of %d)", ckpt, state.step, steps)
-    else:
-        acc.wait_for_everyone()  # every process has checked the folders (above) before the main one changes them
-        if main:
-            shutil.rmtree(work, ignore_errors=True)
-            work.mkdir(parents=True)
-            (work / "run.json").write_text(json.dumps({"args": asdict(args), "processes": world}, indent=1) + "\n")
-        acc.wait_for_everyone()
-    net = acc.unwrap_model(model)  # the model itself (a PeftModel with --lora), for evaluation and saving
-
-    def step_loss(batch: dict) -> tuple[torch.Tensor, int]:
-        if encoder:
-            student = encoder_embeddings(model, batch)
-            with torch.no_grad(), acc.autocast():
-                target = encoder_embeddings(teacher, batch)
-            target = target if keep is None else target[:, keep]
-            return embedding_loss(student, target, args.encoder_loss), int(batch["attention_mask"].sum())
-        ids = batch["input_ids"]
-        logits = model(input_ids=ids, use_cache=False).logits
-        target = None
-        if args.kd_weight > 0:
-            with torch.no_grad(), acc.autocast():
-                target = teacher(input_ids=ids, use_cache=False).logits
-        return decoder_loss(logits, target, ids, args.kd_weight, args.kd_temperature), ids.numel()
-
-    metric = "embedding_loss" if encoder else "perplexity"
-
-    def evaluate() -> None:
-        """On the main process, shared with the others; keeps the best step's trainable weights in the work folder."""
-        result = [None]
-        if main:
-            try:
-                value = _measure(net, args, tok, seq_len, acc, encoder, teacher, keep)
-                teacher_value = _measure(teacher, args, tok, seq_len, acc, False, None, None) \
-                    if teacher is not None and not encoder and state.teacher_metric is None else None
-                result[0] = (None, value, teacher_value)
-            except LopperError as e:  # raised on every process, not only here (the others would wait forever)
-                result[0] = (str(e), None, None)
-        error, value, teacher_value = broadcast_object_list(result)[0]
-        if error:
-            raise LopperError(error)
-        if teacher_value is not None:
-            state.teacher_metric = teacher_value
-        state.evals.append([state.step, value])
-        log.info("step %d: %s %.4f", state.step, metric, value)
-        if state.step > 0 and (state.best is None or value < state.best[1]):
-            state.best = [state.step, value, f"best-{state.step:08d}.safetensors"]
-            if main:
-                save_file({n: p.detach().to("cpu", copy=True).contiguous()
-                           for n, p in net.named_parameters() if p.requires_grad}, work / state.best[2])
-        acc.wait_for_everyone()
-
-    def checkpoint() -> None:
-        tmp = work / f".tmp-ckpt-{state.step:08d}"
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        acc.wait_for_everyone()
-        acc.save_state(str(tmp))
-        acc.wait_for_everyone()
-        if main:
-            final = work / f"ckpt-{state.step:08d}"
-            os.rename(tmp, final)
-            for old in _checkpoints(work):
-                if old != final:
-                    shutil.rmtree(old)
-            for f in work.glob("best-*.safetensors"):
-                if state.best is None or f.name != state.best[2]:
-                    f.unlink()
-        acc.wait_for_everyone()
-
-    if args.eval_text and not state.evals:
-        evaluate()
-    bar = tqdm(total=steps, initial=state.step, desc="heal", unit="step", disable=args.quiet or not main,
-               dynamic_ncols=True)
-    t0, seconds0, tokens_seen = time.time(), state.seconds, 0  # seconds: over all runs, loading included
-    loss_sum, micro, count = torch.zeros((), device=acc.device), 0, 0
-    batches = acc.skip_first_batches(loader, state.step * args.grad_accum) if state.step else loader
-    stopped = False
-    for batch in batches:
-        with acc.accumulate(model):
-            loss, n = step_loss(batch)
-            acc.backward(loss)
-            if acc.sync_gradients and args.max_grad_norm:
-                acc.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
-        micro, count = micro + 1, count + n
-        if not acc.sync_gradients:
-            continue
-        scheduler.step()
-        state.step += 1
-        both = acc.gather(torch.stack([loss_sum / micro, torch.tensor(float(count), device=acc.device)]))
-        both = both.reshape(-1, 2)
-        step_loss_value, tokens_seen = both[:, 0].mean().item(), tokens_seen + int(both[:, 1].sum().item())
-        loss_sum.zero_()
-        micro, count = 0, 0
-        state.losses.append([state.step, round(step_loss_value, 6)])
-        state.seconds = seconds0 + time.time() - t_start
-        bar.set_postfix(loss=f"{step_loss_value:.4f}", tok_s=f"{tokens_seen / (time.time() - t0):,.0f}",
-                        refresh=False)
-        bar.update()
-        if state.step == steps:
-            break
-        if args.eval_text and args.eval_every and state.step % args.eval_every == 0:
-            evaluate()
-        if args.save_every and state.step % args.save_every == 0:
-            checkpoint()
-        if args.max_steps and state.step >= args.max_steps:
-            stopped = True
-            break
-    bar.close()
-    if stopped:
-        log.info("stopped after step %d (--max-steps): continue with --resume (last checkpoint: %s)", state.step,
-                 (_checkpoints(work) or ["none"])[-1])
-        return {"stopped_at_step": state.step, "work": str(work)} if main else None
-    if args.eval_text:
-        evaluate()
-    if state.best is not None and state.best[0] != state.step:
-        missing, unexpected = net.load_state_dict(load_file(work / state.best[2]), strict=False)
-        assert not unexpected, unexpected
-        log.info("output: the weights of step %d, the best on --eval-text", state.best[0])
-
-    report = None
-    if main:
-        final = net.merge_and_unload() if args.lora else net
-        if use_cache is not None:
-            final.config.use_cache = use_cache
-        if getattr(config, "lopper_layout", None):
-            final.config.lopper_layout = config.lopper_layout  # lopper.load() replays the plan, as for the input
-        final.eval()
-        k = max(1, min(10, len(state.losses) // 4))  # steps averaged for the first and last loss
-        source = json.loads((Path(args.model) / REPORT_FILE).read_text()) \
-            if (Path(args.model) / REPORT_FILE).is_file() else {"lopper_version": __version__, "source": args.model}
-        section = {
-            "lopper_version": __version__, "student": args.model, "teacher": args.teacher if use_teacher else None,
-            "loss": _loss_name(args, encoder), "lora_rank": args.lora or None, "trainable_params": trainable,
-            **count_params(final, adapter), "processes": world, "device": str(acc.device),
-            "autocast": "bfloat16" if bf16 else None, "seq_len": seq_len, "global_batch": global_batch,
-            "steps": steps, "tokens_trained": tokens_trained, "lr": args.peak_lr(), "warmup_steps": warmup,
-            "loss_first": _mean([v for _, v in state.losses[:k]]),
-            "loss_last": _mean([v for _, v in state.losses[-k:]]),
-            "loss_history": state.losses[::max(1, len(state.losses) // 100)],
-            "seconds": round(seconds0 + time.time() - t_start, 2),
-            "resumed_from": state.resumed_from, "args": asdict(args),
-        }
-        if state.evals:
-            section.update({"metric": metric, "evals": state.evals, f"{metric}_before": state.evals[0][1],
-                            f"{metric}_after": state.best[1], "best_step": state.best[0]})
-            if state.teacher_metric is not None:
-                section[f"teacher_{metric}"] = state.teacher_metric
-        report = {**source, "heal": section}
-        save(final, out, source=args.model, tokenizer=tok, plan=plan, report=report,
-             dtype=checkpoint_dtype(config), force=args.force)
+        run.state.resumed_from.append(run.state.step)
+        log.info("resuming from %s (step %d of %d)", ckpt, run.state.step, run.steps)
+        return
+    acc.wait_for_everyone()  # every process has checked the folders (in setup) before the main one changes them
+    if run.main:
         shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        (work / "run.json").write_text(json.dumps({"args": asdict(run.args), "processes": acc.num_processes},
+                                                  indent=1) + "\n")
     acc.wait_for_everyone()
+
+
+# ---- the step loop --------------------------------------------------------------------------------------------------
+def step_loss(run: Run, batch: dict) -> tuple[torch.Tensor, int]:
+    """The loss of one micro-batch and the tokens it covers."""
+    args, acc = run.args, run.acc
+    if run.encoder:
+        student = encoder_embeddings(run.model, batch)
+        with torch.no_grad(), acc.autocast():
+            target = encoder_embeddings(run.teacher, batch)
+        target = target if run.keep is None else target[:, run.keep]
+        return embedding_loss(student, target, args.encoder_loss), int(batch["attention_mask"].sum())
+    ids = batch["input_ids"]
+    logits = run.model(input_ids=ids, use_cache=False).logits
+    target = None
+    if args.kd_weight > 0:
+        with torch.no_grad(), acc.autocast():
+            target = run.teacher(input_ids=ids, use_cache=False).logits
+    return decoder_loss(logits, target, ids, args.kd_weight, args.kd_temperature), ids.numel()
+
+
+def train(run: Run) -> bool:
+    """Optimizer steps until the end of the data (True) or --max-steps (False), evaluating every --eval-every steps
+    and checkpointing every --save-every."""
+    args, acc, state = run.args, run.acc, run.state
+    bar = tqdm(total=run.steps, initial=state.step, desc="heal", unit="step", disable=args.quiet or not run.main,
+               dynamic_ncols=True)
+    t0, tokens_seen = time.time(), 0
+    run.seconds_before = seconds0 = state.seconds  # seconds: over all runs, loading included
+    loss_sum, micro, count = torch.zeros((), device=acc.device), 0, 0
+    batches = acc.skip_first_batches(run.loader, state.step * args.grad_accum) if state.step else run.loader
+    try:
+        for batch in batches:
+            with acc.accumulate(run.model):
+                loss, n = step_loss(run, batch)
+                acc.backward(loss)
+                if acc.sync_gradients and args.max_grad_norm:
+                    acc.clip_grad_norm_(run.model.parameters(), args.max_grad_norm)
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            micro, count = micro + 1, count + n
+            if not acc.sync_gradients:
+                continue
+            run.scheduler.step()
+            state.step += 1
+            both = acc.gather(torch.stack([loss_sum / micro, torch.tensor(float(count), device=acc.device)]))
+            both = both.reshape(-1, 2)
+            value, tokens_seen = both[:, 0].mean().item(), tokens_seen + int(both[:, 1].sum().item())
+            loss_sum.zero_()
+            micro, count = 0, 0
+            state.losses.append([state.step, round(value, 6)])
+            state.seconds = seconds0 + time.time() - run.t_start
+            bar.set_postfix(loss=f"{value:.4f}", tok_s=f"{tokens_seen / (time.time() - t0):,.0f}", refresh=False)
+            bar.update()
+            if state.step == run.steps:
+                return True
+            if args.eval_text and args.eval_every and state.step % args.eval_every == 0:
+                evaluate(run)
+            if args.save_every and state.step % args.save_every == 0:
+                checkpoint(run)
+            if args.max_steps and state.step >= args.max_steps:
+                return False
+        return True
+    finally:
+        bar.close()
+
+
+def checkpoint(run: Run) -> None:
+    """accelerate's save_state into OUT.heal-work/ckpt-STEP (written as a temporary folder, then renamed); older
+    checkpoints and best-step files that are no longer the best are removed."""
+    acc, work, state = run.acc, run.work, run.state
+    tmp = work / f".tmp-ckpt-{state.step:08d}"
+    if run.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
+    if run.main:
+        final = work / f"ckpt-{state.step:08d}"
+        os.rename(tmp, final)
+        for old in _checkpoints(work):
+            if old != final:
+                shutil.rmtree(old)
+        for f in work.glob("best-*.safetensors"):
+            if state.best is None or f.name != state.best[2]:
+                f.unlink()
+    acc.wait_for_everyone()
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------------------
+def evaluate(run: Run) -> None:
+    """Measure on the main process and share with the others; keep the best step's trainable weights in the work
+    folder."""
+    from accelerate.utils import broadcast_object_list
+
+    args, acc, state = run.args, run.acc, run.state
+    result = [None]
+    if run.main:
+        try:
+            value = _measure(run.net, args, run.tok, run.seq_len, acc, run.encoder, run.teacher, run.keep)
+            teacher_value = _measure(run.teacher, args, run.tok, run.seq_len, acc, False, None, None) \
+                if run.teacher is not None and not run.encoder and state.teacher_metric is None else None
+            result[0] = (None, value, teacher_value)
+        except LopperError as e:  # raised on every process, not only here (the others would wait forever)
+            result[0] = (str(e), None, None)
+    error, value, teacher_value = broadcast_object_list(result)[0]
+    if error:
+        raise LopperError(error)
+    if teacher_value is not None:
+        state.teacher_metric = teacher_value
+    state.evals.append([state.step, value])
+    log.info("step %d: %s %.4f", state.step, run.metric, value)
+    if state.step > 0 and (state.best is None or value < state.best[1]):
+        state.best = [state.step, value, f"best-{state.step:08d}.safetensors"]
+        if run.main:
+            save_file({n: p.detach().to("cpu", copy=True).contiguous()
+                       for n, p in run.net.named_parameters() if p.requires_grad}, run.work / state.best[2])
+    acc.wait_for_everyone()
+
+
+# ---- the output and its report ----------------------------------------------------------------------------------
+def write_output(run: Run) -> dict:
+    """On the main process: merge LoRA, restore the config, save the healed model with the input's plan and a report
+    that adds a `heal` section to the input's; the work folder is removed."""
+    args = run.args
+    final = run.net.merge_and_unload() if args.lora else run.net
+    if run.use_cache is not None:
+        final.config.use_cache = run.use_cache
+    if getattr(run.config, "lopper_layout", None):
+        final.config.lopper_layout = run.config.lopper_layout  # lopper.load() replays the plan, as for the input
+    final.eval()
+    source = json.loads((Path(args.model) / REPORT_FILE).read_text()) \
+        if (Path(args.model) / REPORT_FILE).is_file() else {"lopper_version": __version__, "source": args.model}
+    report = {**source, "heal": _heal_section(run, final)}
+    save(final, run.out, source=args.model, tokenizer=run.tok, plan=run.plan, report=report,
+         dtype=checkpoint_dtype(run.config), force=args.force)
+    shutil.rmtree(run.work, ignore_errors=True)
     return report
+
+
+def _heal_section(run: Run, final: nn.Module) -> dict:
+    args, state = run.args, run.state
+    k = max(1, min(10, len(state.losses) // 4))  # steps averaged for the first and last loss
+    section = {
+        "lopper_version": __version__, "student": args.model, "teacher": args.teacher if run.teacher is not None
+        else None, "loss": _loss_name(args, run.encoder), "lora_rank": args.lora or None,
+        "trainable_params": run.trainable, **count_params(final, run.adapter), "processes": run.acc.num_processes,
+        "device": str(run.acc.device), "autocast": "bfloat16" if run.bf16 else None, "seq_len": run.seq_len,
+        "global_batch": run.global_batch, "steps": run.steps, "tokens_trained": run.tokens_trained,
+        "lr": args.peak_lr(), "warmup_steps": run.warmup,
+        "loss_first": _mean([v for _, v in state.losses[:k]]),
+        "loss_last": _mean([v for _, v in state.losses[-k:]]),
+        "loss_history": state.losses[::max(1, len(state.losses) // 100)],
+        "seconds": round(run.seconds_before + time.time() - run.t_start, 2),
+        "resumed_from": state.resumed_from, "args": asdict(args),
+    }
+    if state.evals:
+        section.update({"metric": run.metric, "evals": state.evals, f"{run.metric}_before": state.evals[0][1],
+                        f"{run.metric}_after": state.best[1], "best_step": state.best[0]})
+        if state.teacher_metric is not None:
+            section[f"teacher_{run.metric}"] = state.teacher_metric
+    return section
 
 
 def _measure(model, args: HealArgs, tok, seq_len: int, acc, encoder: bool, teacher, keep) -> float:
