@@ -30,7 +30,8 @@ def imports(path: Path) -> list[tuple[str, list[str]]]:
             if target == "lopper" or target.startswith("lopper."):
                 names = []
                 for n in (a.name for a in node.names):  # `from . import sparsity` imports lopper.sparsity
-                    if (ROOT.parent / (target + "." + n).replace(".", "/")).with_suffix(".py").exists():
+                    path = ROOT.parent / (target + "." + n).replace(".", "/")
+                    if path.with_suffix(".py").exists() or (path / "__init__.py").exists():
                         out.append((target + "." + n, []))
                     else:
                         names.append(n)

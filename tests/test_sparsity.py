@@ -141,8 +141,8 @@ def test_wanda_ranks_by_weight_times_input_norm():
     w = torch.randn(16, 32)
     norms = torch.logspace(-2, 2, 32)[torch.randperm(32)]  # skewed input channels
     spec = sp.Spec(sparsity=0.5, criterion="wanda")
-    wanda = sp.prune_mask(sp._score(w, "wanda", norms ** 2), 0.5, spec)
-    magnitude = sp.prune_mask(sp._score(w, "magnitude", None), 0.5, spec)
+    wanda = sp.prune_mask(sp.score(w, "wanda", norms ** 2), 0.5, spec)
+    magnitude = sp.prune_mask(sp.score(w, "magnitude", None), 0.5, spec)
     expect = torch.zeros_like(wanda)
     expect.scatter_(1, (w.abs() * norms).argsort(1)[:, :16], True)
     assert torch.equal(wanda, expect)
@@ -224,7 +224,7 @@ def test_owl_ratios_average_to_the_target_and_favour_outlier_layers():
     tg = sp.targets(model, adapter)
     with torch.no_grad():  # give layer 2 heavy outliers
         adapter.layers()[2].mlp.down_proj.weight[:, :2] *= 40
-    sq = sp._input_sq(model, adapter, tg, windows(), quiet=True)
+    sq = sp.input_sq(model, adapter, tg, windows(), quiet=True)
     spec = sp.Spec(sparsity=0.6, allocation="owl")
     ratios = sp.owl_targets(tg, sq, spec)
     assert sum(ratios.values()) / len(ratios) == pytest.approx(0.6, abs=1e-9)
@@ -241,7 +241,7 @@ def test_owl_mean_is_weighted_by_layer_size():
     model = tiny_model("llama", **SHAPE, attn="eager")
     adapter = adapter_for(model)
     tg = [t for t in sp.targets(model, adapter) if t.layer != 1 or "mlp" in t.name]  # layer 1 is smaller
-    sq = sp._input_sq(model, adapter, tg, windows(), quiet=True)
+    sq = sp.input_sq(model, adapter, tg, windows(), quiet=True)
     ratios = sp.owl_targets(tg, sq, sp.Spec(sparsity=0.5, allocation="owl"))
     size = {i: sum(t.weight().numel() for t in tg if t.layer == i) for i in ratios}
     assert sum(ratios[i] * size[i] for i in ratios) / sum(size.values()) == pytest.approx(0.5, abs=1e-9)

@@ -1,6 +1,6 @@
 """Running a model one layer at a time: the hidden states entering the first layer and the arguments every layer is
 called with (captured once), then each layer called on its own. The one place for the sequential scheme that the
-repair (repair.py) and Wanda / SparseGPT (sparsity.py) use: each layer sees the already-changed model's activations.
+repair (repair.py) and Wanda / SparseGPT (sparsity/apply.py) use: each layer sees the already-changed model's activations.
 """
 from __future__ import annotations
 

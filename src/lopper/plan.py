@@ -5,7 +5,7 @@ Layout (indices are sorted, 0-based, in the unpruned model's numbering):
     {"format": "lopper-plan/1", "model": {signature}, "layers": [kept layers],
      "hidden": [kept hidden channels],
      "per_layer": {"<layer>": {"heads": [...], "kv_heads": [...], "mlp": [...]}},
-     "meta": {how it was chosen}, "sparsity": {optional: settings, per-module fractions zeroed; sparsity.py}}
+     "meta": {how it was chosen}, "sparsity": {optional: settings, per-module fractions zeroed; sparsity/}}
 Per-layer lists may differ in length between layers (non-uniform widths); later formats add keys, never rename.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Plan:
     hidden: list[int]
     per_layer: dict[int, dict[str, list[int]]]
     meta: dict = field(default_factory=dict)
-    sparsity: dict | None = None  # unstructured / N:M sparsity after the cut (sparsity.py); optional key
+    sparsity: dict | None = None  # unstructured / N:M sparsity after the cut (sparsity/); optional key
 
     def to_json(self) -> str:
         per = {str(i): v for i, v in sorted(self.per_layer.items())}

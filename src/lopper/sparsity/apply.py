@@ -1,0 +1,299 @@
+"""The pass over a model: the candidate modules, OWL's per-layer fractions, the magnitude / global / sequential
+(Wanda, SparseGPT) passes, and the step `lopper prune` runs after the cut."""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.pytorch_utils import Conv1D
+
+from ..arch import Adapter
+from ..errors import LopperError
+from ..layerwise import call_layer, capture_layer_inputs
+from .criteria import lowest, prune_mask, score, sparsegpt
+from .masks import MASKS_FILE, load_masks, pack_masks
+from .settings import Spec
+
+log = logging.getLogger("lopper")
+
+LINEAR = (nn.Linear, Conv1D)
+OWL_LAMBDA = 0.08
+OWL_M = 5.0
+
+
+# ---- what is sparsified -----------------------------------------------------------------------------------------
+@dataclass
+class Target:
+    name: str
+    module: nn.Module
+    layer: int
+
+    def weight(self) -> torch.Tensor:
+        """The weight as [out, in] (a view: Conv1D stores [in, out])."""
+        w = self.module.weight
+        return w.T if isinstance(self.module, Conv1D) else w
+
+
+def targets(model: nn.Module, adapter: Adapter, ignore: str = "") -> list[Target]:
+    """Every Linear / Conv1D inside the layers whose name does not match `ignore`."""
+    names = {id(m): n for n, m in model.named_modules()}
+    pattern = re.compile(ignore) if ignore else None
+    out = []
+    for i, layer in enumerate(adapter.layers()):
+        for m in layer.modules():
+            if isinstance(m, LINEAR) and id(m) in names and not (pattern and pattern.search(names[id(m)])):
+                out.append(Target(names[id(m)], m, i))
+    return out
+
+
+# ---- the pass over a model --------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    """What `sparsify` did: the keep mask of every target ([out, in], True = kept) and the per-layer targets."""
+
+    spec: Spec
+    targets: list[Target]
+    keep: dict[str, torch.Tensor]
+    layer_targets: dict[int, float] = field(default_factory=dict)
+
+    def achieved(self) -> dict[str, float]:
+        return {t.name: 1 - self.keep[t.name].float().mean().item() for t in self.targets}
+
+    def counts(self) -> tuple[int, int]:
+        """(weights in the targets, weights zeroed by the masks)."""
+        total = sum(self.keep[t.name].numel() for t in self.targets)
+        return total, total - sum(int(self.keep[t.name].sum()) for t in self.targets)
+
+    def plan_entry(self, calib: dict | None = None) -> dict:
+        total, zeroed = self.counts()
+        entry = {**self.spec.settings(), "masks": MASKS_FILE, "overall": round(zeroed / max(total, 1), 6)}
+        if calib:
+            entry["calibration"] = calib
+        if self.spec.allocation == "owl":
+            entry["layer_targets"] = {str(i): round(v, 6) for i, v in sorted(self.layer_targets.items())}
+        entry["modules"] = {k: round(v, 6) for k, v in self.achieved().items()}
+        return entry
+
+    def report(self, model: nn.Module, adapter: Adapter) -> dict:
+        total, zeroed = self.counts()
+        per_layer = []
+        for i in sorted({t.layer for t in self.targets}):
+            ts = [t for t in self.targets if t.layer == i]
+            n = sum(self.keep[t.name].numel() for t in ts)
+            z = n - sum(int(self.keep[t.name].sum()) for t in ts)
+            row = {"layer": i, "weights": n, "zeroed": z, "sparsity": round(z / n, 6)}
+            if i in self.layer_targets:
+                row["target"] = round(self.layer_targets[i], 6)
+            per_layer.append(row)
+        return {**self.spec.settings(), "overall": round(zeroed / max(total, 1), 6), "weights": total,
+                "zeroed": zeroed, "modules": len(self.targets),
+                "nonzero_params_non_embedding": nonzero_non_embedding(model, adapter), "per_layer": per_layer}
+
+    def files(self) -> dict[str, bytes]:
+        return {MASKS_FILE: pack_masks(self.keep)}
+
+
+def nonzero_non_embedding(model: nn.Module, adapter: Adapter) -> int:
+    """Nonzero entries of every parameter outside the embeddings and lm_head (tied ones once)."""
+    embed = {id(p) for p in adapter.embedding_params()}
+    params = {id(p): p for p in model.parameters() if id(p) not in embed}
+    return sum(int(torch.count_nonzero(p)) for p in params.values())
+
+
+@torch.no_grad()
+def sparsify(model: nn.Module, adapter: Adapter, spec: Spec, windows: list[torch.Tensor] | None,
+             masks: dict[str, torch.Tensor] | None = None, layer_targets: dict[int, float] | None = None,
+             quiet: bool = False) -> Result:
+    """Zero weights of `model` in place per `spec` (or per the given keep `masks`, from a replay)."""
+    spec.check()
+    tg = targets(model, adapter, spec.ignore)
+    if not tg:
+        raise LopperError(f"--sparsity-ignore {spec.ignore!r} leaves no Linear module in the layers to sparsify: "
+                          "loosen it")
+    if masks is not None:
+        _check_masks(masks, tg)
+    if spec.needs_calibration(masks is not None) and not windows:
+        raise LopperError(f"--sparsity-criterion {spec.criterion} / --sparsity-allocation {spec.allocation} need "
+                          "calibration text: the model needs tokenizer files")
+    dense_sq = None
+    if masks is None and (spec.allocation == "owl" or (spec.criterion == "wanda" and spec.scope == "global")):
+        dense_sq = input_sq(model, adapter, tg, windows, quiet)
+    if layer_targets is None:
+        layer_targets = owl_targets(tg, dense_sq, spec) if spec.allocation == "owl" and masks is None else \
+            {i: spec.target for i in sorted({t.layer for t in tg})}
+    if masks is not None and spec.criterion != "sparsegpt":
+        keep = {t.name: masks[t.name] for t in tg}
+    elif spec.scope == "global" and not spec.nm:
+        keep = _global(tg, spec, dense_sq)
+    elif spec.criterion == "magnitude":
+        keep = {t.name: ~prune_mask(score(t.weight(), "magnitude", None), layer_targets[t.layer], spec) for t in tg}
+    else:
+        keep = _sequential(model, adapter, tg, spec, layer_targets, windows, masks, quiet)
+    for t in tg:  # idempotent where the pass already zeroed them
+        w = t.weight()
+        w.mul_(keep[t.name].to(w.device, w.dtype))
+    result = Result(spec, tg, keep, layer_targets)
+    total, zeroed = result.counts()
+    log.info("sparsity: %d of %d weights in %d modules zeroed (%.4f, %s, %s)", zeroed, total, len(tg),
+             zeroed / total, spec.pattern, spec.criterion)
+    return result
+
+
+def _global(tg: list[Target], spec: Spec, sq: dict | None) -> dict[str, torch.Tensor]:
+    scores = [score(t.weight(), spec.criterion, (sq or {}).get(id(t.module))).cpu() for t in tg]
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    gone = lowest(flat, round(spec.target * flat.numel()))
+    keep, start = {}, 0
+    for t, s in zip(tg, scores):
+        keep[t.name] = ~gone[start:start + s.numel()].view_as(s).to(t.module.weight.device)
+        start += s.numel()
+    return keep
+
+
+def input_sq(model: nn.Module, adapter: Adapter, tg: list[Target], windows, quiet: bool) -> dict[int, torch.Tensor]:
+    """Sum over calibration tokens of x_j^2 per input channel of every target, dense model, one pass."""
+    sq: dict[int, torch.Tensor] = {}
+
+    def hook(module, args):
+        x = args[0].detach().float()
+        sq[id(module)] = sq.get(id(module), 0) + x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+
+    hooks = [t.module.register_forward_pre_hook(hook) for t in tg]
+    device = next(model.parameters()).device
+    try:
+        for ids in tqdm(windows, desc="sparsity statistics", disable=quiet, leave=False):
+            if adapter.is_encoder:
+                model(input_ids=ids.to(device))
+            else:
+                model(input_ids=ids.to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return sq
+
+
+def owl_targets(tg: list[Target], sq: dict[int, torch.Tensor], spec: Spec, lam: float = OWL_LAMBDA,
+                m: float = OWL_M) -> dict[int, float]:
+    """OWL: per-layer sparsity from each layer's outlier ratio of Wanda scores (see the module docstring)."""
+    layers = sorted({t.layer for t in tg})
+    ratio, size = [], []
+    for i in layers:
+        scores = torch.cat([score(t.weight(), "wanda", sq.get(id(t.module))).reshape(-1)
+                            for t in tg if t.layer == i])
+        ratio.append((scores > m * scores.mean()).float().mean().item())
+        size.append(scores.numel())
+    r, n = torch.tensor(ratio, dtype=torch.float64), torch.tensor(size, dtype=torch.float64)
+    spread = r.max() - r.min()
+    keep = (r - r.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(r)
+    sparsity = -keep
+    sparsity = sparsity - (sparsity * n).sum() / n.sum() + spec.target
+    sparsity = sparsity.clamp(0.0, 0.99)
+    return {i: float(s) for i, s in zip(layers, sparsity)}
+
+
+def _sequential(model, adapter, tg, spec, layer_targets, windows, masks, quiet) -> dict[str, torch.Tensor]:
+    """Wanda / SparseGPT, one layer at a time, each scored on the already-sparsified model's activations."""
+    xs, layer_kwargs = capture_layer_inputs(model, adapter, windows)
+    layers = list(adapter.layers())
+    hessian = spec.criterion == "sparsegpt"
+    last = max(t.layer for t in tg)
+    keep: dict[str, torch.Tensor] = {}
+    for i in tqdm(range(last + 1), desc=f"sparsity ({spec.criterion})", disable=quiet, leave=False):
+        mods = [t for t in tg if t.layer == i]
+        if mods:
+            stats = _layer_stats(layers[i], i, mods, xs, layer_kwargs, hessian)
+            for t in mods:
+                w = t.weight()
+                if hessian:
+                    new, k = sparsegpt(w, stats[id(t.module)], layer_targets[i], spec,
+                                       None if masks is None else masks[t.name])
+                    w.copy_(new.to(w.dtype))
+                    keep[t.name] = k
+                else:
+                    k = ~prune_mask(score(w, "wanda", stats[id(t.module)]), layer_targets[i], spec)
+                    w.mul_(k.to(w.dtype))
+                    keep[t.name] = k
+        if i < last:
+            xs = [call_layer(layers[i], x, layer_kwargs[b][i]) for b, x in enumerate(xs)]
+    return keep
+
+
+def _layer_stats(layer, i, mods, xs, layer_kwargs, hessian: bool) -> dict[int, torch.Tensor]:
+    """Per target of one layer: sum of x_j^2 (Wanda) or H = 2 X^T X / N (SparseGPT), over all windows. Modules
+    called on the same tensor (q/k/v, gate/up) share one product."""
+    acc: dict[int, torch.Tensor] = {}
+    tokens: dict[int, int] = {}
+    last: list = [None, None, 0]  # the input tensor seen last, its product, its tokens
+
+    def hook(module, args):
+        if args[0] is not last[0]:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            last[:] = [args[0], x.T @ x if hessian else x.pow(2).sum(0), x.shape[0]]
+        acc[id(module)] = acc.get(id(module), 0) + last[1]
+        tokens[id(module)] = tokens.get(id(module), 0) + last[2]
+
+    hooks = [t.module.register_forward_pre_hook(hook) for t in mods]
+    try:
+        for b, x in enumerate(xs):
+            call_layer(layer, x, layer_kwargs[b][i])
+    finally:
+        for h in hooks:
+            h.remove()
+        last.clear()
+    if hessian:
+        return {k: 2 * v / tokens[k] for k, v in acc.items()}
+    return acc
+
+
+# ---- the api.prune step -----------------------------------------------------------------------------------------
+def for_prune(args, plan, model: nn.Module, adapter: Adapter, windows) -> Result | None:
+    """Sparsify the (already cut) model per the plan it replays if that records sparsity, else per args (a replayed
+    structured plan may get new sparsity); records the result in plan.sparsity. None when no sparsity is asked."""
+    masks, layer_targets = None, None
+    entry = getattr(plan, "sparsity", None) if args.plan else None
+    if entry:
+        spec = Spec.from_settings(entry)
+        if entry.get("masks"):
+            path = Path(args.plan).parent / entry["masks"]
+            if not path.is_file():
+                raise LopperError(f"the plan's sparsity masks {path} are missing: copy {entry['masks']} beside the "
+                                  "plan, or remove the plan's \"masks\" entry to choose them again")
+            masks = load_masks(path)
+            if entry.get("layer_targets") is not None:
+                layer_targets = {int(i): v for i, v in entry["layer_targets"].items()}
+        _warn_calibration(entry, args, spec, masks is not None)
+    else:
+        spec = Spec.from_args(args)
+        if not spec.active:
+            return None
+    result = sparsify(model, adapter, spec, windows, masks, layer_targets, quiet=args.quiet)
+    calib = {"calib": args.calib or "built-in", "calib_samples": args.calib_samples, "seq_len": args.seq_len} \
+        if spec.needs_calibration(masks is not None) else None
+    plan.sparsity = result.plan_entry(calib)
+    return result
+
+
+def _warn_calibration(entry: dict, args, spec: Spec, have_masks: bool) -> None:
+    rec = entry.get("calibration")
+    now = {"calib": args.calib or "built-in", "calib_samples": args.calib_samples, "seq_len": args.seq_len}
+    if rec and spec.needs_calibration(have_masks) and rec != now:
+        log.warning("the plan's sparsity was computed with calibration %s, this replay uses %s: SparseGPT's weight "
+                    "updates will differ", rec, now)
+
+
+def _check_masks(masks: dict[str, torch.Tensor], tg: list[Target]) -> None:
+    for t in tg:
+        shape = tuple(t.weight().shape)
+        if t.name not in masks or tuple(masks[t.name].shape) != shape:
+            got = tuple(masks[t.name].shape) if t.name in masks else "none"
+            raise LopperError(f"the recorded sparsity masks do not fit this model ({t.name}: mask {got}, weight "
+                              f"{shape}): replay the plan on the model it was made for")
+    extra = set(masks) - {t.name for t in tg}
+    if extra:
+        raise LopperError(f"the recorded sparsity masks name modules this model lacks ({sorted(extra)[0]}): replay "
+                          "the plan on the model it was made for")
