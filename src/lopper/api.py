@@ -15,7 +15,9 @@ from .version import __version__
 from .errors import LopperError
 from .evaluate import calibration_loss, count_params, perplexity, planned_params, weights_size
 from .importance import collect, width_scores
-from .io import DTYPES, check_output, checkpoint_dtype, load_model, model_source, read_config, resolve_dtype, save
+from .io import (DTYPES, check_output, checkpoint_dtype, load_model, model_class, model_source, read_config,
+                 resolve_dtype, save)
+from . import memory
 from .options import Options, arg_field, flag, resolve_args, set_quiet
 from .plan import Plan
 from .repair import repair
@@ -368,6 +370,7 @@ def plan(args: PlanArgs | None = None, /, **kwargs) -> Plan:
         raise LopperError(f"--out {out} already exists: choose another path or pass --force")
     set_quiet(args.quiet)
     source = model_source(args.model, args.gguf_file)
+    memory.check_fits(memory_estimate(args, source), args.device, f"planning {source}")
     model, tok, adapter = load_model(source, args.device, args.dtype)
     args = resolve_repair(args, tok)
     p = make_plan(args, model, adapter, calibration(args, model, tok))
@@ -390,6 +393,8 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     set_quiet(args.quiet)
     t0 = time.time()
     saved_dtype = checkpoint_dtype(read_config(source))  # a GGUF's: io.gguf_dtype
+    estimate = memory_estimate(args, source)
+    memory.check_fits(estimate, args.device, f"pruning {source}")
     model, tok, adapter = load_model(source, args.device, args.dtype)
     args = resolve_repair(args, tok)
     before = {**count_params(model, adapter), "structures": structures(adapter)}
@@ -419,6 +424,7 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
         report["perplexity_after"] = _maybe_ppl(model, tok, args)
     if sparse:
         report["sparsity"] = sparse.report(model, adapter)
+    report["memory"] = {"estimate": estimate, "measured": memory.peak(args.device)}
     report["repair_seconds"] = round(t_repair, 2)
     report["seconds"] = round(time.time() - t0, 2)
     out = save(model, args.out, source=source, tokenizer=tok, plan=p, report=report, dtype=saved_dtype,
@@ -481,6 +487,21 @@ def structures(adapter) -> dict[str, int | list[int]]:
         vals = [w[k] for w in per]
         out[k] = vals[0] if len(set(vals)) == 1 else vals
     return out
+
+
+def memory_estimate(args: Selection, source: str) -> dict:
+    """memory.estimate_prune for these arguments, from the config alone (nothing is loaded)."""
+    config = read_config(source)
+    if getattr(config, "lopper_layout", None):
+        return {"peak_bytes": 0, "weights_bytes": 0, "phases_bytes": {}, "largest_phase": None}  # refused later
+    shape = memory.model_shape(config, model_class(config))
+    on_disk = weights_size(source) if Path(source).exists() else 2 * shape["params"]
+    sparse = args.sparsity > 0 or args.sparsity_pattern != "unstructured"
+    return memory.estimate_prune(
+        shape, dtype=resolve_dtype(args.dtype, args.device), device=args.device, checkpoint_bytes=on_disk,
+        samples=args.calib_samples, seq_len=args.seq_len, repair=args.repair != "none",
+        correct=args.repair_correct, sparsegpt=sparse and args.sparsity_criterion == "sparsegpt",
+        search=args.params_search == "loss" and bool(args.params or args.target_speedup))
 
 
 def _maybe_ppl(model, tok, args: PruneArgs):
