@@ -60,7 +60,7 @@ from lopper.io import load_model
 from lopper.select import Target, _fill_width, choose, default_round_to
 from lopper.sleb import Sleb
 from lopper.surgery import apply, silenced
-from lopper.text import calibration_windows
+from lopper.text import calibration_windows, generated_windows
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -82,7 +82,8 @@ DEPTH = {"shortgpt": "bi", "gromov": "angular", "sleb": "sleb"}
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(SHARED / "models" / "ref-llama"))
-    p.add_argument("--calib", default=str(SHARED / "data" / "english" / "webtext.txt"))
+    p.add_argument("--calib", default=str(SHARED / "data" / "english" / "webtext.txt"),
+                   help="calibration text for every method, or self (windows sampled from the model, as lopper's default)")
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-text", default=str(SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"))
@@ -147,7 +148,8 @@ def main() -> int:
     a = parse()
     t_start = time.time()
     model, tok, adapter = load_model(a.model, a.device, a.dtype)
-    windows = calibration_windows(tok, a.calib, a.calib_samples, a.seq_len)
+    windows = generated_windows(model, tok, a.calib_samples, a.seq_len) if a.calib == "self" else \
+        calibration_windows(tok, a.calib, a.calib_samples, a.seq_len)  # the same windows for every method
     n_layers = len(adapter.layers())
     rt = default_round_to(adapter.hidden_size())
     base = count_params(model, adapter)["params_non_embedding"]

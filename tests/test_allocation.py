@@ -127,7 +127,14 @@ def test_global_plans_cut_exactly(family, case):
 
 
 def skewed_folder(tmp_path, family: str):
+    """Skewed, and layer l has 6 l dead MLP channels (zero weights): whatever the calibration text, a global ranking
+    removes those first, so the widths differ between layers."""
     model = skew(tiny_model(family, layers=4, heads=4, kv_heads=2, head_dim=8, mlp=32, init=INIT), seed=3, spread=3)
+    with torch.no_grad():
+        for l, layer in enumerate(adapter_for(model).layers()):
+            layer.mlp.gate_proj.weight[:6 * l] = 0
+            layer.mlp.up_proj.weight[:6 * l] = 0
+            layer.mlp.down_proj.weight[:, :6 * l] = 0
     folder = tmp_path / "src"
     model.save_pretrained(folder)
     tiny_tokenizer(model.config.vocab_size).save_pretrained(folder)

@@ -25,7 +25,7 @@ from . import sparsity as sp
 from . import zeroshot
 from .select import Target, choose, default_round_to, solve_params
 from .surgery import apply, silenced
-from .text import calibration_windows
+from .text import BUILTIN, SELF, calibration_windows, generated_windows, start_token
 
 log = logging.getLogger("lopper")
 
@@ -105,7 +105,8 @@ class SpeedOptions(Options):
 class ScoringOptions(Options):
     """Scoring: calibration text and importance criteria"""
 
-    calib: str = arg_field("", "calibration text file (default: built-in public-domain English)")
+    calib: str = arg_field("", "calibration text: a file, self (text sampled from the model itself; the default for "
+                           "causal LMs) or builtin (the shipped public-domain English; the default for encoders)")
     calib_samples: int = arg_field(32, "calibration windows")
     seq_len: int = arg_field(256, "tokens per calibration window")
     layer_metric: str = arg_field("bi", "layer importance (sleb: greedy removal by calibration loss, slower)",
@@ -287,7 +288,27 @@ def calibration(args: Selection, model, tokenizer) -> list[torch.Tensor] | None:
         raise LopperError(f"{args.model} has no tokenizer files, which calibration needs: add them, or use "
                           "--width-metric magnitude without --drop-layers/--params/--repair and --sparsity-criterion wanda/sparsegpt")
     seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", None) or args.seq_len)
-    return calibration_windows(tokenizer, args.calib or None, args.calib_samples, seq_len)
+    source = default_calib(args, model, tokenizer)
+    if source == SELF:
+        if not can_generate(model):
+            raise LopperError(f"--calib self samples text from the model, which {args.model} (an encoder) cannot "
+                              "generate: give --calib FILE or --calib builtin")
+        log.info(f"calibration: {args.calib_samples} x {seq_len} tokens sampled from the model (--calib self)")
+        return generated_windows(model, tokenizer, args.calib_samples, seq_len)
+    return calibration_windows(tokenizer, source, args.calib_samples, seq_len)
+
+
+def default_calib(args: Selection, model, tokenizer) -> str:
+    """--calib made concrete: the model's own samples for causal LMs (docs/calibration.md), the shipped text for
+    encoders and for models with no token to start sampling from."""
+    if args.calib:
+        return args.calib
+    return SELF if can_generate(model) and tokenizer is not None and start_token(model, tokenizer) is not None \
+        else BUILTIN
+
+
+def can_generate(model) -> bool:
+    return hasattr(model, "lm_head") and hasattr(model, "generate")
 
 
 def make_plan(args: Selection, model, adapter, windows: list[torch.Tensor] | None) -> Plan:
@@ -372,7 +393,7 @@ def plan(args: PlanArgs | None = None, /, **kwargs) -> Plan:
     source = model_source(args.model, args.gguf_file)
     memory.check_fits(memory_estimate(args, source), args.device, f"planning {source}")
     model, tok, adapter = load_model(source, args.device, args.dtype)
-    args = resolve_repair(args, tok)
+    args = replace(resolve_repair(args, tok), calib=default_calib(args, model, tok))
     p = make_plan(args, model, adapter, calibration(args, model, tok))
     p.meta["source"] = source
     p.meta["repair"] = args.repair  # what `prune --plan` with --repair auto replays
@@ -396,7 +417,7 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     estimate = memory_estimate(args, source)
     memory.check_fits(estimate, args.device, f"pruning {source}")
     model, tok, adapter = load_model(source, args.device, args.dtype)
-    args = resolve_repair(args, tok)
+    args = replace(resolve_repair(args, tok), calib=default_calib(args, model, tok))
     before = {**count_params(model, adapter), "structures": structures(adapter)}
     ppl_before = _maybe_ppl(model, tok, args)
     windows = calibration(args, model, tok)

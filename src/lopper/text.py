@@ -9,8 +9,50 @@ import torch
 from .errors import LopperError
 
 
+SELF = "self"          # --calib self: the model's own samples
+BUILTIN = "builtin"    # --calib builtin: the shipped public-domain text (data/calibration.txt)
+GENERATE_BATCH = 32    # sequences sampled at once
+
+
 def default_calibration_path() -> Path:
     return Path(str(resources.files("lopper") / "data" / "calibration.txt"))
+
+
+def start_token(model, tokenizer) -> int | None:
+    """The token sampling starts from: the tokenizer's beginning-of-sequence token, else its end-of-sequence token,
+    else the config's; None if there is none."""
+    for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(model.config, "bos_token_id", None),
+              getattr(model.config, "eos_token_id", None)):
+        t = t[0] if isinstance(t, (list, tuple)) and t else t
+        if isinstance(t, int):
+            return t
+    return None
+
+
+@torch.no_grad()
+def generated_windows(model, tokenizer, samples: int, seq_len: int, seed: int = 0) -> list[torch.Tensor]:
+    """Self-calibration (Williams, Chrysostomou & Aletras, NAACL 2025): `samples` sequences of `seq_len` tokens
+    sampled from the model itself at temperature 1 (no top-k / top-p), each started from the beginning-of-sequence
+    token, which is then dropped: [1, seq_len] each. Text the model itself finds likely stands in for its training
+    data, which no shipped text matches. On SmolLM2-135M at --params 0.25 it beat every real text we have, on
+    WikiText-2 and on two held-out domains (docs/calibration.md). The seed makes the windows the same on each run
+    (the global RNG is left as it was)."""
+    start = start_token(model, tokenizer)
+    if start is None:
+        raise LopperError("--calib self needs a beginning- or end-of-sequence token to start sampling from, and "
+                          "neither this tokenizer nor the config has one: give --calib FILE or --calib builtin")
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else start
+    windows: list[torch.Tensor] = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        while len(windows) < samples:
+            n = min(GENERATE_BATCH, samples - len(windows))
+            ids = torch.full((n, 1), start, device=device)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+                                 top_p=1.0, max_new_tokens=seq_len, min_new_tokens=seq_len, pad_token_id=pad)
+            windows += [row[None, 1:1 + seq_len].cpu() for row in out]
+    return windows
 
 
 def read_text(path: str | Path, flag: str) -> str:
@@ -35,7 +77,7 @@ def calibration_windows(tokenizer, path: str | Path | None, samples: int, seq_le
     """`samples` non-overlapping windows of `seq_len` tokens, spread evenly over the text: [1, seq_len] each."""
     if samples < 1 or seq_len < 2:
         raise LopperError(f"--calib-samples {samples} / --seq-len {seq_len} too small: use at least 1 and 2")
-    path = path or default_calibration_path()
+    path = default_calibration_path() if path in (None, "", BUILTIN) else path
     stream = token_stream(tokenizer, read_text(path, "--calib"))
     need = samples * seq_len
     if len(stream) < need:
