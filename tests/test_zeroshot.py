@@ -37,15 +37,16 @@ def cli_run(llama, tmp_path_factory):
     root = tmp_path_factory.mktemp("zeroshot-cli")
     text, out = root / "text.txt", root / "eval.json"
     text.write_text(TEXT)
-    capture = root / "stdout.txt"
-    with capture.open("w") as f:
-        old, sys.stdout = sys.stdout, f
+    capture, errors = root / "stdout.txt", root / "stderr.txt"
+    with capture.open("w") as f, errors.open("w") as g:
+        old, sys.stdout, old_err, sys.stderr = sys.stdout, f, sys.stderr, g
         try:
             code = main(["eval", str(llama), "--tasks", TASKS, "--task-data", str(DATA), "--limit", "4", "--batch",
                          "2", "--text", str(text), "--seq-len", "32", "--json", str(out), "--quiet"])
         finally:
-            sys.stdout = old
+            sys.stdout, sys.stderr = old, old_err
     assert code == 0
+    assert "it/s]" not in errors.read_text() and "%|" not in errors.read_text()  # --quiet: no progress bars
     return json.loads(out.read_text()), capture.read_text()
 
 

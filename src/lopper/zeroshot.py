@@ -8,6 +8,8 @@ lm-eval expects, the rows are rewritten field by field into the hub format (neve
 templates and `process_docs` build the same requests as from the hub."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import re
@@ -224,8 +226,10 @@ def run(model, tokenizer, names: list[str], task_data: str = "", limit: int = 0,
         manager = task_manager(names, task_data, Path(tmp))
         load_tasks(manager, names, task_data)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch)
-        out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit or None,
-                                      log_samples=False)
+        # lm-eval's progress bars take no switch (tqdm reads TQDM_DISABLE at import): quiet sends them nowhere
+        with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+            out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit or None,
+                                          log_samples=False)
     return {**summarize(out, names), "limit": limit or None, "task_data": task_data or None, "batch": batch,
             "seconds": round(time.time() - t0, 2), "lm_eval_version": lm_eval.__version__}
 
