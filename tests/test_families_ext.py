@@ -2,12 +2,10 @@
 offset, project_in/out, post-norm), Phi-3 (fused qkv_proj and gate_up_proj), Gemma 2 / Gemma 3 text (sandwich norms,
 (1 + w) RMSNorm, scaled embeddings, soft-capping, sliding-window layer_types).
 
-The core's contract for each: a physically pruned model computes what the original computes with the same units
-zeroed (`lopper.surgery.mask`) for layers, heads, KV groups, MLP channels and, where the norm allows exactness (RMSNorm
-families), hidden channels; pruning nothing changes nothing; saved folders reload in plain transformers (standard) or
-`lopper.load` (lopper layout) with the same outputs; generation with a KV cache works after layers are removed.
-LayerNorm families (GPT-2, OPT) are not mask-equivalent under hidden cuts: there they must run, save and reload.
-Architectures and plans are drawn by hypothesis.
+The core's random-architecture properties (pruned == masked, identity) run for these families in test_families.py.
+Here: saved folders reload in plain transformers (standard) or `lopper.load` (lopper layout) with the same outputs;
+generation with a KV cache works after layers are removed; LayerNorm families (GPT-2, OPT), not mask-equivalent
+under hidden cuts, must run, save and reload; and each family's own details.
 """
 from __future__ import annotations
 
@@ -30,7 +28,8 @@ from lopper.importance import collect, width_scores
 from lopper.plan import Plan, identity_plan
 from lopper.select import Target, choose
 from plans import draw_plan, uniform_plan as shared_uniform_plan
-from checks import check_rebuilds_from_config, check_shapes, cut_and_compare, n_params, rebuild_from_config
+from checks import check_shapes, rebuild_from_config
+from families import REGISTRY
 from tiny import char_tokenizer, make_config, make_model
 
 FAMILIES = ("gpt2", "opt", "phi3", "gemma2", "gemma3_text")
@@ -52,90 +51,12 @@ def inputs(seed: int) -> torch.Tensor:
     return torch.randint(3, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(seed))
 
 
-# ---- strategies ----------------------------------------------------------------------------------------------------
-@st.composite
-def archs(draw, family: str, kind: str = "all") -> dict:
-    """A random tiny architecture of `family` on which a plan of `kind` can remove something."""
-    gqa = family in GQA
-    kv = draw(st.integers(2 if kind == "kv" else 1, 3)) if gqa else 1
-    group = draw(st.integers(2 if kind == "heads" or not gqa else 1, 4 if not gqa else 3))
-    head_dim = draw(st.sampled_from([4, 8]))
-    head_dim = 8 if kv * group * head_dim < 16 else 4 if kv * group * head_dim > 48 else head_dim  # hidden 16..48
-    arch = dict(family=family, seed=draw(st.integers(0, 2**16)), layers=draw(st.integers(2, 4)), heads=kv * group,
-                kv_heads=kv, head_dim=head_dim, mlp=draw(st.integers(8, 40)))
-    if family != "gpt2":
-        arch["tied"] = draw(st.booleans())
-    if family == "gpt2":
-        arch["scale_attn_by_inverse_layer_idx"] = draw(st.booleans())
-    elif family == "opt":
-        arch["do_layer_norm_before"] = draw(st.booleans())
-        arch["enable_bias"] = draw(st.booleans())
-        if draw(st.booleans()):
-            arch["word_embed_proj_dim"] = 12  # project_in / project_out around the stream
-    elif family.startswith("gemma"):
-        heads = arch["heads"]
-        arch["hidden"] = heads * draw(st.integers(max(2, -(-16 // heads)), 32 // heads))  # config: hidden % heads
-        arch["layer_types"] = [draw(st.sampled_from(TYPES)) for _ in range(arch["layers"])]
-        arch["sliding_window"] = draw(st.integers(2, 5))
-        if family == "gemma3_text":
-            arch["final_logit_softcapping"] = draw(st.sampled_from([None, 5.0]))
-    return arch
-
-
 def model_of(arch: dict):
     return make_model(**arch)
 
 
-# ---- checks --------------------------------------------------------------------------------------------------------
-def check_pruned_equals_masked(arch: dict, plan_of) -> bool:
-    model = model_of(arch)
-    ids = inputs(arch["seed"])
-    plan = plan_of(adapter_for(model))
-    standard, got = cut_and_compare(model, plan, ids)
-    check_shapes(model, plan, arch.get("tied", arch["family"] == "gpt2"))
-    if standard:
-        check_rebuilds_from_config(model, ids, got)
-    return standard
-
-
-# ---- masked equivalence, per family and structure ------------------------------------------------------------------
-EXACT = [(f, k) for f in FAMILIES for k in KINDS if not (f in LAYERNORM and k in ("hidden", "kv"))]
-
-
-@pytest.mark.parametrize("family,kind", EXACT)
-@settings(max_examples=3, deadline=None)
-@given(data=st.data())
-def test_pruned_equals_masked(family, kind, data):
-    arch = data.draw(archs(family, kind), label="arch")
-    check_pruned_equals_masked(arch, lambda a: draw_plan(data, a, kind, hidden=family not in LAYERNORM))
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@settings(max_examples=10, deadline=None)
-@given(data=st.data())
-def test_random_architectures_and_plans(family, data):
-    """The property: any tiny architecture of the family, any valid plan (any structure, widths differing between
-    layers), pruned == masked."""
-    kind = data.draw(st.sampled_from([k for k in KINDS if (family, k) in EXACT]), label="kind")
-    arch = data.draw(archs(family, kind), label="arch")
-    check_pruned_equals_masked(arch, lambda a: draw_plan(data, a, kind, hidden=family not in LAYERNORM))
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-@settings(max_examples=5, deadline=None)
-@given(data=st.data())
-def test_identity_plan_changes_nothing(family, data):
-    arch = data.draw(archs(family), label="arch")
-    model = model_of(arch)
-    ids = inputs(arch["seed"])
-    before, config, state = forward(model, ids), model.config.to_dict(), copy.deepcopy(model.state_dict())
-    params = n_params(model)
-    assert surgery.apply(model, adapter_for(model), identity_plan(adapter_for(model))) is True
-    assert torch.equal(forward(model, ids), before)
-    assert n_params(model) == params
-    assert {k: v for k, v in model.config.to_dict().items() if config.get(k) != v} == {}
-    after = model.state_dict()
-    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+def archs(family: str, kind: str = "all"):
+    return REGISTRY[family].archs(family, kind, False)
 
 
 # ---- LayerNorm families: hidden cuts run, save and reload ----------------------------------------------------------

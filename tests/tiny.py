@@ -14,11 +14,11 @@ FAMILIES = DECODERS + ("bert",)
 def tiny_config(family: str, layers=3, heads=4, kv_heads=2, head_dim=8, mlp=24, tied=False, vocab=96, init=0.02):
     """`init`: std of the random weights (initializer_range); larger makes every removed unit show in the outputs."""
     hidden = heads * head_dim  # satisfies every config class's hidden % heads rule
-    if family == "bert":
-        return transformers.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                                       num_attention_heads=heads, intermediate_size=mlp, max_position_embeddings=64,
-                                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                       initializer_range=init)
+    if family in ("bert", "roberta"):
+        cls = transformers.BertConfig if family == "bert" else transformers.RobertaConfig
+        return cls(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                   intermediate_size=mlp, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                   attention_probs_dropout_prob=0.0, initializer_range=init)
     cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
            "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[family]
     return cls(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -33,8 +33,8 @@ def tiny_model(family: str, seed: int = 0, attn: str | None = None, **kw):
     config = tiny_config(family, **kw)
     if attn:
         config._attn_implementation = attn
-    cls = transformers.BertModel if family == "bert" else transformers.AutoModelForCausalLM
-    model = cls.from_config(config) if family != "bert" else cls(config)
+    encoder = {"bert": transformers.BertModel, "roberta": transformers.RobertaModel}.get(family)
+    model = encoder(config) if encoder else transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # random norm weights and biases so that slicing mistakes show in the outputs
         for name, p in model.named_parameters():
             if "norm" in name.lower() and p.dim() == 1:

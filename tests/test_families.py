@@ -1,0 +1,85 @@
+"""The core invariants, for every family of the registry (tests/families.py), on architectures and plans drawn by
+hypothesis: a physically pruned model computes what the original computes with the same units zeroed
+(`lopper.surgery.mask`); its parameter count is the one `lopper plan` predicts and its shapes are the plan's; a
+standard checkpoint's config alone rebuilds it; pruning nothing changes nothing."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lopper import surgery
+from lopper.arch import adapter_for
+from lopper.evaluate import planned_params
+from lopper.plan import identity_plan
+from checks import check_rebuilds_from_config, check_shapes, cut_and_compare, n_params
+from families import REGISTRY
+from tiny import outputs
+
+
+def check_pruned_equals_masked(family, arch: dict, plan_of) -> None:
+    model = family.build(arch)
+    ids = family.inputs(arch["seed"])
+    adapter = adapter_for(model)
+    plan = plan_of(adapter)
+    predicted = planned_params(model, type(adapter), plan)  # what `lopper plan` reports, on meta tensors
+    # random MoE plans may keep every expert and channel; elsewhere the drawn plan always removes something visible
+    standard, got = cut_and_compare(model, plan, ids, visible=not family.moe)
+    assert predicted["params"] == n_params(model)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and not family.encoder
+    check_shapes(model, plan, tied)
+    if standard:
+        check_rebuilds_from_config(model, ids, got)
+
+
+CASES = [(f.name, tied, kind) for f in REGISTRY.values() for tied in f.tie_options for kind in f.kinds]
+
+
+@pytest.mark.parametrize("name,tied,kind", CASES)
+@settings(max_examples=3, deadline=None)
+@given(data=st.data())
+def test_pruned_equals_masked(name, tied, kind, data):
+    family = REGISTRY[name]
+    arch = data.draw(family.archs(name, kind, tied), label="arch")
+    check_pruned_equals_masked(family, arch, lambda adapter: family.plan(data, adapter, kind))
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+@settings(max_examples=8, deadline=None)
+@given(data=st.data())
+def test_random_architectures_and_plans(name, data):
+    """Any tiny architecture of the family, any valid plan (any structure, widths differing between layers)."""
+    family = REGISTRY[name]
+    kind = data.draw(st.sampled_from(family.kinds), label="kind")
+    tied = data.draw(st.sampled_from(family.tie_options), label="tied")
+    arch = data.draw(family.archs(name, kind, tied), label="arch")
+    check_pruned_equals_masked(family, arch, lambda adapter: family.plan(data, adapter, kind))
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+@settings(max_examples=4, deadline=None)
+@given(data=st.data())
+def test_identity_plan_changes_nothing(name, data):
+    family = REGISTRY[name]
+    tied = data.draw(st.sampled_from(family.tie_options), label="tied")
+    arch = data.draw(family.archs(name, "all", tied), label="arch")
+    model = family.build(arch)
+    ids = family.inputs(arch["seed"])
+    before, config, state = outputs(model, ids), model.config.to_dict(), copy.deepcopy(model.state_dict())
+    params = n_params(model)
+    assert surgery.apply(model, adapter_for(model), identity_plan(adapter_for(model))) is True
+    assert torch.equal(outputs(model, ids), before)
+    assert n_params(model) == params
+    changed = {k: v for k, v in model.config.to_dict().items() if config.get(k) != v}
+    # Qwen2's max_window_layers is rewritten as "kept layers below it": clamped to the layer count, same meaning
+    assert changed in ({}, {"max_window_layers": min(config.get("max_window_layers") or 0, arch["layers"])})
+    after = model.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], state[k]) for k in state)
+
+
+def test_the_registry_covers_every_supported_family():
+    from lopper.arch import SUPPORTED
+    assert set(REGISTRY) == set(SUPPORTED), "add a row to tests/families.py for each adapter"
