@@ -23,7 +23,10 @@ from lopper.text import token_stream
 from tiny import calibration_text, save_tiny, tree_digest
 
 SHAPE = dict(layers=4, heads=4, kv_heads=2, head_dim=8, mlp=24, init=0.2)
-PRUNE = dict(drop_layers=1, mlp=0.25, calib_samples=4, seq_len=32, quiet=True)
+# the shipped text, not the default self-generated windows: on the student those gave, one and two processes
+# differed by 3.2e-5 after 3 AdamW steps (float rounding: the two sum gradients in another order), above the 1e-5 the
+# DDP check holds this student to
+PRUNE = dict(drop_layers=1, mlp=0.25, calib_samples=4, seq_len=32, quiet=True, calib="builtin")
 SEQ = 32
 # a small run: 3 steps of global batch 4 windows of 32 tokens (tokens caps the windows drawn from the shuffled text)
 FAST = dict(seq_len=SEQ, batch=4, tokens=3 * 4 * SEQ, lr=1e-3, warmup=0.0, device="cpu", quiet=True)
