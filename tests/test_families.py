@@ -1,7 +1,9 @@
 """The core invariants, for every family of the registry (tests/families.py), on architectures and plans drawn by
 hypothesis: a physically pruned model computes what the original computes with the same units zeroed
 (`lopper.surgery.mask`); its parameter count is the one `lopper plan` predicts and its shapes are the plan's; a
-standard checkpoint's config alone rebuilds it; pruning nothing changes nothing."""
+standard checkpoint's config alone rebuilds it; pruning nothing changes nothing; a saved folder reloads (plain
+transformers for uniform widths the config can describe, lopper.load otherwise) with the cut model's outputs, and
+generates with a KV cache what it generates without one."""
 from __future__ import annotations
 
 import copy
@@ -83,3 +85,62 @@ def test_identity_plan_changes_nothing(name, data):
 def test_the_registry_covers_every_supported_family():
     from lopper.arch import SUPPORTED
     assert set(REGISTRY) == set(SUPPORTED), "add a row to tests/families.py for each adapter"
+
+
+def uniform(plan):
+    """The plan with the first kept layer's entry copied to every kept layer of the same original widths (MoE: dense
+    and expert layers apart): uniform widths, so a standard checkpoint wherever the config class describes the cut."""
+    first: dict = {}
+    for i in plan.layers:
+        widths = tuple((k, v[i]) for k, v in sorted(plan.model.items()) if isinstance(v, list) and len(v) > i)
+        plan.per_layer[i] = copy.deepcopy(plan.per_layer[first.setdefault(widths, i)])
+    return plan
+
+
+def reload(model, plan, folder):
+    """io.save, then plain transformers for a standard config, else lopper.load (which replays the plan)."""
+    import json
+    import transformers
+    import lopper
+    from lopper import io
+    out = io.save(model, folder, source=str(folder.parent / "nowhere"), tokenizer=None, plan=plan, report={},
+                  dtype=None)
+    if json.loads((out / "config.json").read_text()).get("lopper_layout"):
+        reloaded, plain = lopper.load(str(out)), False
+    else:
+        cls = transformers.AutoModel if adapter_for(model).is_encoder else transformers.AutoModelForCausalLM
+        reloaded, plain = cls.from_pretrained(out).eval(), True
+    if getattr(model.config, "_experts_implementation", None):
+        reloaded.set_experts_implementation("eager")  # tiny expert widths are not grouped_mm's multiples of 8
+    return reloaded, plain
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+@pytest.mark.parametrize("widths", ["uniform", "per-layer"])
+@settings(max_examples=2, deadline=None)
+@given(data=st.data())
+def test_saved_folder_reloads_and_generates_like_the_cut_model(name, widths, data, tmp_path_factory):
+    """A cut of every structure, saved: plain transformers reloads it when its widths are uniform and the config
+    class can describe them (a lopper layout and lopper.load otherwise), with the cut model's outputs; decoders then
+    generate greedily with a KV cache what they generate without one."""
+    family = REGISTRY[name]
+    tied = data.draw(st.sampled_from(family.tie_options), label="tied")
+    arch = data.draw(family.archs(name, "all", tied), label="arch")
+    model = family.build(arch)
+    plan = family.plan(data, adapter_for(model), "all")
+    if widths == "uniform":
+        plan = uniform(plan)
+    ids = family.inputs(arch["seed"])
+    standard = surgery.apply(model, adapter_for(model), plan)
+    got = outputs(model, ids)
+    reloaded, plain = reload(model, plan, tmp_path_factory.mktemp(name) / "out")
+    assert plain is standard
+    assert (outputs(reloaded, ids) - got).abs().max().item() < 1e-5
+    check_shapes(reloaded, plan, bool(getattr(model.config, "tie_word_embeddings", False)) and not family.encoder)
+    if family.encoder:
+        return
+    gen = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        cached = reloaded.generate(ids[:1], use_cache=True, **gen)
+        uncached = reloaded.generate(ids[:1], use_cache=False, **gen)
+    assert torch.equal(cached, uncached)
