@@ -46,6 +46,8 @@ def test_sampling_starts_from_the_first_special_token_there_is():
     from types import SimpleNamespace as NS
     from lopper.text import start_token
     tok = NS(bos_token_id=None, eos_token_id=None)
-    assert start_token(NS(config=NS(bos_token_id=None, eos_token_id=[7, 8])), tok) == 7
-    assert start_token(NS(config=NS()), NS(bos_token_id=None, eos_token_id=2)) == 2
-    assert start_token(NS(config=NS()), tok) is None  # then the default is --calib builtin
+    assert start_token(NS(config=NS(bos_token_id=None, eos_token_id=[7, 8], vocab_size=96)), tok) == 7
+    assert start_token(NS(config=NS(vocab_size=96)), NS(bos_token_id=None, eos_token_id=2)) == 2
+    assert start_token(NS(config=NS(vocab_size=96)), tok) is None  # then the default is --calib builtin
+    # a tokenizer whose special tokens were added past the model's vocabulary: the config's token instead
+    assert start_token(NS(config=NS(vocab_size=96, bos_token_id=1)), NS(bos_token_id=None, eos_token_id=96)) == 1

@@ -7,10 +7,11 @@ generates with a KV cache what it generates without one."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from lopper import surgery
@@ -20,6 +21,21 @@ from lopper.plan import identity_plan
 from checks import check_rebuilds_from_config, check_shapes, cut_and_compare, n_params
 from families import REGISTRY
 from tiny import outputs
+
+TF4 = os.environ.get("LOPPER_TF4_PATH", "")
+LOAD_IN_TF4 = r"""
+import json, sys, torch, transformers
+assert transformers.__version__.startswith("4."), transformers.__version__
+folder, ids, out = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+config = json.load(open(folder + "/config.json"))
+encoder = config["model_type"] in ("bert", "roberta")
+cls = transformers.AutoModel if encoder else transformers.AutoModelForCausalLM
+kw = {} if encoder else {"attn_implementation": "eager"}
+m = cls.from_pretrained(folder, **kw).eval()
+with torch.no_grad():
+    o = m(input_ids=torch.tensor(ids))
+json.dump((o.logits if hasattr(o, "logits") else o.last_hidden_state).tolist(), open(out, "w"))
+"""
 
 
 def check_pruned_equals_masked(family, arch: dict, plan_of) -> None:
@@ -44,9 +60,7 @@ CASES = [(f.name, tied, kind) for f in REGISTRY.values() for tied in f.tie_optio
 @settings(max_examples=3, deadline=None)
 @given(data=st.data())
 def test_pruned_equals_masked(name, tied, kind, data):
-    family = REGISTRY[name]
-    arch = data.draw(family.archs(name, kind, tied), label="arch")
-    check_pruned_equals_masked(family, arch, lambda adapter: family.plan(data, adapter, kind))
+    check_drawn(data, name, kind, tied)
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
@@ -54,9 +68,14 @@ def test_pruned_equals_masked(name, tied, kind, data):
 @given(data=st.data())
 def test_random_architectures_and_plans(name, data):
     """Any tiny architecture of the family, any valid plan (any structure, widths differing between layers)."""
+    check_drawn(data, name)
+
+
+def check_drawn(data, name: str, kind: str | None = None, tied: bool | None = None) -> None:
+    """Draw what is not given (structure, tying), then an architecture and a plan, and check pruned == masked."""
     family = REGISTRY[name]
-    kind = data.draw(st.sampled_from(family.kinds), label="kind")
-    tied = data.draw(st.sampled_from(family.tie_options), label="tied")
+    kind = kind or data.draw(st.sampled_from(family.kinds), label="kind")
+    tied = data.draw(st.sampled_from(family.tie_options), label="tied") if tied is None else tied
     arch = data.draw(family.archs(name, kind, tied), label="arch")
     check_pruned_equals_masked(family, arch, lambda adapter: family.plan(data, adapter, kind))
 
@@ -144,3 +163,30 @@ def test_saved_folder_reloads_and_generates_like_the_cut_model(name, widths, dat
         cached = reloaded.generate(ids[:1], use_cache=True, **gen)
         uncached = reloaded.generate(ids[:1], use_cache=False, **gen)
     assert torch.equal(cached, uncached)
+
+
+@pytest.mark.skipif(not TF4, reason="LOPPER_TF4_PATH not set (.ci/run sets it)")
+@pytest.mark.parametrize("name", list(REGISTRY))
+@settings(max_examples=1, deadline=None, database=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(data=st.data())
+def test_a_standard_folder_loads_in_transformers_4(name, data, tmp_path_factory):
+    """A uniform cut of one structure (or all), saved as a standard checkpoint, gives the same outputs in transformers
+    4.57 (run in a subprocess from LOPPER_TF4_PATH) as the cut model in 5.x."""
+    import json
+    import subprocess
+    import sys
+    family = REGISTRY[name]
+    kind = data.draw(st.sampled_from(family.kinds), label="kind")  # GPT-2 / OPT: head cuts alone are not standard
+    arch = data.draw(family.archs(name, kind, family.tie_options[0]), label="arch")
+    model = family.build(arch)
+    plan = uniform(family.plan(data, adapter_for(model), kind))
+    assume(surgery.apply(model, adapter_for(model), plan))  # a lopper layout is read by lopper.load alone
+    folder = tmp_path_factory.mktemp(name)
+    reload(model, plan, folder / "out")
+    ids = family.inputs(arch["seed"])
+    done = subprocess.run([sys.executable, "-c", LOAD_IN_TF4, str(folder / "out"), json.dumps(ids.tolist()),
+                           str(folder / "o.json")], env={**os.environ, "PYTHONPATH": TF4}, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = torch.tensor(json.loads((folder / "o.json").read_text()))
+    assert (got - outputs(model, ids)).abs().max().item() < 1e-5

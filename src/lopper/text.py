@@ -20,11 +20,14 @@ def default_calibration_path() -> Path:
 
 def start_token(model, tokenizer) -> int | None:
     """The token sampling starts from: the tokenizer's beginning-of-sequence token, else its end-of-sequence token,
-    else the config's; None if there is none."""
+    else the config's; None if there is none. An id the embedding does not have (a tokenizer that added its special
+    tokens past the model's vocabulary) is skipped."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = embeddings.num_embeddings if embeddings is not None else getattr(model.config, "vocab_size", None)
     for t in (tokenizer.bos_token_id, tokenizer.eos_token_id, getattr(model.config, "bos_token_id", None),
               getattr(model.config, "eos_token_id", None)):
         t = t[0] if isinstance(t, (list, tuple)) and t else t
-        if isinstance(t, int):
+        if isinstance(t, int) and 0 <= t < (vocab or t + 1):
             return t
     return None
 
