@@ -10,8 +10,7 @@ contains (the last 200,000 characters of english/abc.txt, news, and english/movi
         --json docs/calibration.json --doc docs/calibration.md
 
 `--self-generated` adds the model's own samples as calibration text (Williams et al. 2025, "Self-calibration for
-language model quantization and pruning"): --calib-samples sequences of --seq-len tokens sampled at temperature 1
-from the beginning-of-sequence token. `--no-repair NAME ...` adds the same cut without the repair for those texts.
+language model quantization and pruning"), as `lopper prune --calib self` draws them (text.generated_windows). `--no-repair NAME ...` adds the same cut without the repair for those texts.
 """
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ from lopper.api import Selection, make_plan, resolve_repair, run_repair
 from lopper.evaluate import count_params, perplexity
 from lopper.io import load_model, model_source
 from lopper.surgery import apply, silenced
-from lopper.text import calibration_windows
+from lopper.text import calibration_windows, generated_windows
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
@@ -62,16 +61,6 @@ def held_out(work: Path) -> dict[str, tuple[Path, int]]:
     return out
 
 
-@torch.no_grad()
-def self_generated(model, tok, samples: int, seq_len: int) -> list[torch.Tensor]:
-    torch.manual_seed(0)
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    ids = torch.full((samples, 1), bos)
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
-                         top_p=1.0, max_new_tokens=seq_len, min_new_tokens=seq_len, pad_token_id=tok.eos_token_id)
-    return [out[i:i + 1, 1:] for i in range(samples)]
-
-
 def main() -> None:
     a = parse()
     source = model_source(a.model, "")
@@ -88,7 +77,7 @@ def main() -> None:
         t0 = time.time()
         args = resolve_repair(Selection(model=source, params=a.params, repair=repair, calib=path or "",
                                         calib_samples=a.calib_samples, seq_len=a.seq_len, quiet=True), tok)
-        windows = self_generated(model, tok, a.calib_samples, a.seq_len) if path is None else \
+        windows = generated_windows(model, tok, a.calib_samples, a.seq_len) if path is None else \
             calibration_windows(tok, path, a.calib_samples, a.seq_len)
         trial = copy.deepcopy(model)
         trial_adapter = type(adapter)(trial)
