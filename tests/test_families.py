@@ -7,14 +7,19 @@ generates with a KV cache what it generates without one."""
 from __future__ import annotations
 
 import copy
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+import transformers
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from lopper import surgery
+import lopper
+from lopper import io, surgery
 from lopper.arch import adapter_for
 from lopper.evaluate import planned_params
 from lopper.plan import identity_plan
@@ -118,10 +123,6 @@ def uniform(plan):
 
 def reload(model, plan, folder):
     """io.save, then plain transformers for a standard config, else lopper.load (which replays the plan)."""
-    import json
-    import transformers
-    import lopper
-    from lopper import io
     out = io.save(model, folder, source=str(folder.parent / "nowhere"), tokenizer=None, plan=plan, report={},
                   dtype=None)
     if json.loads((out / "config.json").read_text()).get("lopper_layout"):
@@ -172,9 +173,6 @@ def test_saved_folder_reloads_and_generates_like_the_cut_model(name, widths, dat
 def test_a_standard_folder_loads_in_transformers_4(name, data, tmp_path_factory):
     """A uniform cut of one structure (or all), saved as a standard checkpoint, gives the same outputs in transformers
     4.57 (run in a subprocess from LOPPER_TF4_PATH) as the cut model in 5.x."""
-    import json
-    import subprocess
-    import sys
     family = REGISTRY[name]
     kind = data.draw(st.sampled_from(family.kinds), label="kind")  # GPT-2 / OPT: head cuts alone are not standard
     arch = data.draw(family.archs(name, kind, family.tie_options[0]), label="arch")

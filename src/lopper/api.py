@@ -273,8 +273,7 @@ def resolve_repair(args: Selection, tokenizer) -> Selection:
         return args
     if args.plan:
         return replace(args, repair=Plan.load(args.plan).meta.get("repair", "none"))
-    removes = (args.params or args.target_speedup or args.drop_layers or args.heads or args.mlp or args.hidden
-               or args.experts)
+    removes = args.removes() or args.target_speedup
     return replace(args, repair="lsq" if removes and tokenizer is not None else "none")
 
 
@@ -391,7 +390,7 @@ def plan(args: PlanArgs | None = None, /, **kwargs) -> Plan:
         raise LopperError(f"--out {out} already exists: choose another path or pass --force")
     set_quiet(args.quiet)
     source = model_source(args.model, args.gguf_file)
-    memory.check_fits(memory_estimate(args, source), args.device, f"planning {source}")
+    memory.check_fits(memory_estimate(args, source, read_config(source)), args.device, f"planning {source}")
     model, tok, adapter = load_model(source, args.device, args.dtype)
     args = replace(resolve_repair(args, tok), calib=default_calib(args, model, tok))
     p = make_plan(args, model, adapter, calibration(args, model, tok))
@@ -413,8 +412,9 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     check_output(args.out, args.force, source)
     set_quiet(args.quiet)
     t0 = time.time()
-    saved_dtype = checkpoint_dtype(read_config(source))  # a GGUF's: io.gguf_dtype
-    estimate = memory_estimate(args, source)
+    config = read_config(source)
+    saved_dtype = checkpoint_dtype(config)  # a GGUF's: io.gguf_dtype
+    estimate = memory_estimate(args, source, config)
     memory.check_fits(estimate, args.device, f"pruning {source}")
     model, tok, adapter = load_model(source, args.device, args.dtype)
     args = replace(resolve_repair(args, tok), calib=default_calib(args, model, tok))
@@ -510,18 +510,17 @@ def structures(adapter) -> dict[str, int | list[int]]:
     return out
 
 
-def memory_estimate(args: Selection, source: str) -> dict:
-    """memory.estimate_prune for these arguments, from the config alone (nothing is loaded)."""
-    config = read_config(source)
+def memory_estimate(args: Selection, source: str, config) -> dict:
+    """memory.estimate_prune for these arguments, from the source's config alone (nothing is loaded)."""
     if getattr(config, "lopper_layout", None):
         return {"peak_bytes": 0, "weights_bytes": 0, "phases_bytes": {}, "largest_phase": None}  # refused later
     shape = memory.model_shape(config, model_class(config))
     on_disk = weights_size(source) if Path(source).exists() else 2 * shape["params"]
-    sparse = args.sparsity > 0 or args.sparsity_pattern != "unstructured"
+    spec = sp.Spec.from_args(args)
     return memory.estimate_prune(
         shape, dtype=resolve_dtype(args.dtype, args.device), device=args.device, checkpoint_bytes=on_disk,
         samples=args.calib_samples, seq_len=args.seq_len, repair=args.repair != "none",
-        correct=args.repair_correct, sparsegpt=sparse and args.sparsity_criterion == "sparsegpt",
+        correct=args.repair_correct, sparsegpt=spec.active and spec.criterion == "sparsegpt",
         search=args.params_search == "loss" and bool(args.params or args.target_speedup))
 
 

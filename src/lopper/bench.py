@@ -32,7 +32,7 @@ import logging
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +42,7 @@ from .version import __version__
 from .errors import LopperError
 from .evaluate import count_params, weights_size
 from .io import load_model, resolve_dtype
-from .options import Options, arg_field, resolve_args, set_quiet
+from .options import Options, arg_field, files_field, flag, resolve_args, set_quiet
 
 log = logging.getLogger("lopper")
 
@@ -51,9 +51,8 @@ log = logging.getLogger("lopper")
 class BenchArgs(Options):
     """Models and measurement"""
 
-    models: list[str] = field(default_factory=list, metadata={
-        "help": "model folders (standard or saved by lopper) or .gguf files; ratios are against the first",
-        "positional": True})
+    models: list[str] = files_field("model folders (standard or saved by lopper) or .gguf files; ratios are against "
+                                    "the first", positional=True)
     device: str = arg_field("cpu", "cpu or cuda", choices=("cpu", "cuda"))
     dtype: str = arg_field("auto", "compute dtype: auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
     batch: int = arg_field(8, "batch B of the prefill and of the second decode figure")
@@ -72,7 +71,7 @@ class BenchArgs(Options):
             raise LopperError("--device cuda but CUDA is not available here: use --device cpu")
         for name in ("batch", "prompt_len", "repeats"):
             if getattr(self, name) < 1:
-                raise LopperError(f"--{name.replace('_', '-')} must be at least 1")
+                raise LopperError(f"{flag(name)} must be at least 1")
         if self.new_tokens < 2:
             raise LopperError("--new-tokens must be at least 2 (decode time is (t_N - t_1) / (N - 1))")
         if self.warmup < 0:
@@ -92,14 +91,14 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - t0
 
 
-def _interleaved(fns: list, args: BenchArgs) -> list[list]:
+def interleaved(fns: list, repeats: int, warmup: int) -> list[list]:
     """Warm-up runs, then `repeats` rounds that run every function once in turn (model 1, 2, ..., 1, 2, ...): on a
     shared machine a change of load then falls on every model alike instead of on whichever ran at the time."""
-    for _ in range(args.warmup):
+    for _ in range(warmup):
         for fn in fns:
             fn()
     runs: list[list] = [[] for _ in fns]
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for i, fn in enumerate(fns):
             runs[i].append(fn())
     return runs
@@ -201,8 +200,8 @@ def bench_group(paths: list[str], args: BenchArgs) -> list[dict]:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     log.info(f"prefill: {', '.join(paths)}")
-    for (model, causal, r), secs in zip(loaded, _interleaved([prefill_fn(m, args.batch, args.prompt_len, args.device) for m, _, _ in loaded],
-                                                            args)):
+    prefills = [prefill_fn(m, args.batch, args.prompt_len, args.device) for m, _, _ in loaded]
+    for (model, causal, r), secs in zip(loaded, interleaved(prefills, args.repeats, args.warmup)):
         r["prefill"] = _prefill_summary(secs, args)
         r["decode"] = {} if causal else None
     causal = [(m, r) for m, c, r in loaded if c]
@@ -211,7 +210,8 @@ def bench_group(paths: list[str], args: BenchArgs) -> list[dict]:
             m.forward = torch.compile(m.forward, mode="reduce-overhead", fullgraph=True)
     for batch in dict.fromkeys((1, args.batch)):
         log.info(f"decode at batch {batch}")
-        for (m, r), runs in zip(causal, _interleaved([_decode_fn(m, args, batch) for m, _ in causal], args)):
+        decodes = [_decode_fn(m, args, batch) for m, _ in causal]
+        for (m, r), runs in zip(causal, interleaved(decodes, args.repeats, args.warmup)):
             r["decode"][f"batch_{batch}"] = _decode_summary(runs, args, batch)
     for _, _, r in loaded:
         if cuda:

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .arch import Adapter
-from .bench import prefill_fn
+from .bench import interleaved, prefill_fn
 from .errors import LopperError
 from .importance import Stats, WidthScores, block_influence
 from .plan import Plan, identity_plan
@@ -55,14 +55,8 @@ def prefill_timer(batch: int, length: int, device: str) -> Timer:
 
 
 def median_times(models: list, timer: Timer, repeats: int = 3, warmup: int = 1) -> list[float]:
-    """Median seconds per model, the models taking turns (a change of load on a shared machine falls on all)."""
-    for _ in range(warmup):
-        for m in models:
-            timer(m)
-    runs = [[] for _ in models]
-    for _ in range(repeats):
-        for i, m in enumerate(models):
-            runs[i].append(timer(m))
+    """Median seconds per model, the models taking turns (bench.interleaved)."""
+    runs = interleaved([lambda m=m: timer(m) for m in models], repeats, warmup)
     return [statistics.median(r) for r in runs]
 
 

@@ -13,7 +13,7 @@ import typing
 from dataclasses import MISSING, field, fields
 from pathlib import Path
 
-from .errors import LopperError
+from .errors import LopperError, one_line
 
 log = logging.getLogger("lopper")
 
@@ -31,10 +31,6 @@ def files_field(help: str, **kw):
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
-
-
-def _kind(cls, name: str):
-    return typing.get_type_hints(cls)[name]
 
 
 def convert(value, kind, name: str):
@@ -84,8 +80,9 @@ class Options:
     groups are declared, and last those of classes that combine groups (the rules between groups)."""
 
     def check(self) -> None:
+        kinds = typing.get_type_hints(type(self))
         for f in fields(self):
-            value = convert(getattr(self, f.name), _kind(type(self), f.name), f.name)
+            value = convert(getattr(self, f.name), kinds[f.name], f.name)
             choices = f.metadata.get("choices")
             if choices and value not in choices:
                 raise LopperError(f"{flag(f.name)} {value!r} is not one of {', '.join(map(str, choices))}: "
@@ -125,7 +122,7 @@ def read_recipe(path: str | Path, cls) -> dict:
             data = json.loads(text)
     except Exception as e:  # yaml.YAMLError or json.JSONDecodeError
         raise LopperError(f"--config {path} is not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} "
-                          f"({' '.join(str(e).split())[:120]}): fix the file") from None
+                          f"({one_line(e)}): fix the file") from None
     if not isinstance(data, dict):
         raise LopperError(f"--config {path} holds no mapping of options: write `name: value` lines")
     names = {f.name for f in fields(cls)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import LopperError
-from ..options import Options, arg_field, files_field
+from ..options import Options, arg_field, files_field, flag
 
 
 @dataclass(kw_only=True)
@@ -68,10 +68,10 @@ class HealArgs(Options):
                               "for plain fine-tuning")
         for name in ("batch", "grad_accum"):
             if getattr(self, name) < 1:
-                raise LopperError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
+                raise LopperError(f"{flag(name)} {getattr(self, name)} must be at least 1")
         for name in ("tokens", "lora", "eval_every", "eval_max_tokens", "save_every", "max_steps"):
             if getattr(self, name) < 0:
-                raise LopperError(f"--{name.replace('_', '-')} {getattr(self, name)} must not be negative")
+                raise LopperError(f"{flag(name)} {getattr(self, name)} must not be negative")
         if self.seq_len < 2:
             raise LopperError(f"--seq-len {self.seq_len} is too small: use at least 2")
         if not 0.0 <= self.warmup < 1.0:

@@ -35,7 +35,7 @@ from ..arch import adapter_class
 from ..errors import LopperError
 from ..evaluate import count_params, perplexity
 from ..io import PLAN_FILE, REPORT_FILE, check_output, checkpoint_dtype, load_model, read_config, save
-from ..options import resolve_args, set_quiet
+from ..options import flag, resolve_args, set_quiet
 from ..plan import Plan
 from . import data
 from .args import HealArgs
@@ -487,7 +487,7 @@ def _checkpoints(work: Path) -> list[Path]:
 def _check_resume(work: Path, args: HealArgs, world: int) -> None:
     run = json.loads((work / "run.json").read_text())
     old, new = run["args"], asdict(args)
-    changed = [f"--{k.replace('_', '-')} {old.get(k)!r} -> {v!r}" for k, v in new.items()
+    changed = [f"{flag(k)} {old.get(k)!r} -> {v!r}" for k, v in new.items()
                if k not in RESUME_MAY_CHANGE and old.get(k) != v]
     if changed:
         raise LopperError(f"--resume with other options than the interrupted run ({'; '.join(changed)}): give the "
