@@ -15,9 +15,9 @@ from .version import __version__
 from .errors import LopperError
 from .evaluate import calibration_loss, count_params, perplexity, planned_params, weights_size
 from .importance import collect, width_scores
-from .io import (DTYPES, check_output, checkpoint_dtype, load_model, model_class, model_source, read_config,
-                 resolve_dtype, save)
-from . import memory
+from .io import (DTYPES, check_output, checkpoint_dtype, is_gguf, load_model, model_class, model_source, read_config,
+                 resolve_dtype, save, staged, write_beside)
+from . import memory, stream
 from .options import Options, arg_field, flag, resolve_args, set_quiet
 from .plan import Plan
 from .repair import repair
@@ -175,6 +175,9 @@ class RunOptions(Options):
                            "float16", choices=("auto", *DTYPES))
     config: str = arg_field("", "recipe: a YAML or JSON file of these options (a lopper_report.json replays its run); "
                             "flags override it")
+    stream: str = arg_field("auto", "read one decoder layer at a time from the checkpoint, so that memory does not "
+                            "grow with depth: on, off, or auto (on when the in-memory estimate does not fit)",
+                            choices=("auto", "on", "off"))
     quiet: bool = arg_field(False, "no progress bars or logs")
 
 
@@ -200,6 +203,21 @@ class Selection(ModelOptions, RemoveOptions, SpeedOptions, ScoringOptions, Repai
         if self.plan and self.target_speedup:
             raise LopperError("--plan replays a plan as it is: drop --target-speedup")
         sp.check_args(self)
+        if self.stream == "on" and self.not_streamed():
+            raise LopperError(f"--stream on cannot stream {self.not_streamed()}: drop it, or use --stream off")
+
+    def not_streamed(self) -> str:
+        """The options that the layer-streamed path (stream.py) does not take yet, or ''."""
+        spec = sp.Spec.from_args(self)
+        found = [self.width_metric == "fisher" and "--width-metric fisher (gradients through the whole model)",
+                 self.layer_metric == "sleb" and "--layer-metric sleb",
+                 self.params_search == "loss" and bool(self.params) and "--params-search loss",
+                 bool(self.target_speedup) and "--target-speedup",
+                 self.calib == SELF and "--calib self (sampling reads every layer once per token; give a file or "
+                 "builtin)",
+                 spec.active and "--sparsity",
+                 bool(getattr(self, "eval_text", "")) and "--eval-text (run lopper eval on the output)"]
+        return ", ".join(f for f in found if f)
 
 
 @dataclass(kw_only=True)
@@ -297,11 +315,15 @@ def calibration(args: Selection, model, tokenizer) -> list[torch.Tensor] | None:
     return calibration_windows(tokenizer, source, args.calib_samples, seq_len)
 
 
-def default_calib(args: Selection, model, tokenizer) -> str:
+def default_calib(args: Selection, model, tokenizer, streamed: bool = False) -> str:
     """--calib made concrete: the model's own samples for causal LMs (docs/calibration.md), the shipped text for
-    encoders and for models with no token to start sampling from."""
+    encoders, for models with no token to start sampling from, and for a streamed model (sampling would read every
+    layer once per token)."""
     if args.calib:
         return args.calib
+    if streamed:
+        log.info("calibration: the built-in text (a streamed model does not sample its own; --calib FILE for another)")
+        return BUILTIN
     return SELF if can_generate(model) and tokenizer is not None and start_token(model, tokenizer) is not None \
         else BUILTIN
 
@@ -329,7 +351,8 @@ def make_plan(args: Selection, model, adapter, windows: list[torch.Tensor] | Non
         return choose(adapter, target, None, width_scores(adapter, None, "magnitude"))
     needs_stats = (args.width_metric in ("activation", "fluctuation") or args.params or args.target_speedup
                    or target.drop_layers)
-    stats = collect(model, adapter, windows, quiet=args.quiet) if needs_stats else None
+    stats = collect(model, adapter, windows, quiet=args.quiet, all_pairs=args.layer_metric == "angular") \
+        if needs_stats else None
     if args.width_metric == "fisher" and (args.params or args.target_speedup or target.heads or target.mlp
                                           or target.hidden or target.experts):
         from .gradient import fisher_scores
@@ -370,13 +393,14 @@ def _candidate_loss(args: Selection, model, adapter, windows: list[torch.Tensor]
     return loss
 
 
-def run_repair(args: Selection, model, adapter, p: Plan, windows: list[torch.Tensor], quiet: bool) -> None:
+def run_repair(args: Selection, model, adapter, p: Plan, windows: list[torch.Tensor], quiet: bool,
+               after=None) -> None:
     """`--repair lsq` with the options in `args`; a replayed --plan keeps its channels (a plan is what is kept),
     else (--repair-units obs) the repair re-chooses the MLP channels in `p` and says so in its meta. So `lopper plan`
     predicts a direct prune's counts exactly and its MLP channels only with --repair-units plan or --repair none."""
     reselect = args.repair_units == "obs" and not args.plan
     repair(model, adapter, p, windows, damp=args.repair_damp, correct=args.repair_correct, reselect=reselect,
-           quiet=quiet)
+           quiet=quiet, after=after)
     if reselect:
         p.meta["units"] = "MLP channels chosen by the repair (greedy OBS on calibration inputs)"
 
@@ -390,9 +414,8 @@ def plan(args: PlanArgs | None = None, /, **kwargs) -> Plan:
         raise LopperError(f"--out {out} already exists: choose another path or pass --force")
     set_quiet(args.quiet)
     source = model_source(args.model, args.gguf_file)
-    memory.check_fits(memory_estimate(args, source, read_config(source)), args.device, f"planning {source}")
-    model, tok, adapter = load_model(source, args.device, args.dtype)
-    args = replace(resolve_repair(args, tok), calib=default_calib(args, model, tok))
+    model, tok, adapter, _, streamed = load_for(args, source, read_config(source), f"planning {source}")
+    args = replace(resolve_repair(args, tok), calib=default_calib(args, model, tok, streamed))
     p = make_plan(args, model, adapter, calibration(args, model, tok))
     p.meta["source"] = source
     p.meta["repair"] = args.repair  # what `prune --plan` with --repair auto replays
@@ -414,10 +437,8 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     t0 = time.time()
     config = read_config(source)
     saved_dtype = checkpoint_dtype(config)  # a GGUF's: io.gguf_dtype
-    estimate = memory_estimate(args, source, config)
-    memory.check_fits(estimate, args.device, f"pruning {source}")
-    model, tok, adapter = load_model(source, args.device, args.dtype)
-    args = replace(resolve_repair(args, tok), calib=default_calib(args, model, tok))
+    model, tok, adapter, estimate, streamed = load_for(args, source, config, f"pruning {source}")
+    args = replace(resolve_repair(args, tok), calib=default_calib(args, model, tok, streamed))
     before = {**count_params(model, adapter), "structures": structures(adapter)}
     ppl_before = _maybe_ppl(model, tok, args)
     windows = calibration(args, model, tok)
@@ -425,11 +446,53 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     p.meta["source"] = source
     p.meta["repair"] = args.repair
     t_repair = time.time()
-    if args.repair == "lsq":
-        run_repair(args, model, adapter, p, windows, quiet=args.quiet)
-    t_repair = time.time() - t_repair
-    standard = apply(model, adapter, p)
-    sparse = sp.for_prune(args, p, model, adapter, windows)
+    if streamed:
+        with staged(args.out, args.force, source) as tmp:
+            fix = (lambda after: run_repair(args, model, adapter, p, windows, quiet=args.quiet, after=after)) \
+                if args.repair == "lsq" else None
+            standard = stream.cut_and_write(model, adapter, p, tmp, saved_dtype, fix)
+            report = _report(args, source, standard, before, model, adapter, p, None, estimate, t0,
+                             time.time() - t_repair)
+            write_beside(tmp, source=source, tokenizer=tok, plan=p, report=report)
+        out = Path(args.out)
+    else:
+        if args.repair == "lsq":
+            run_repair(args, model, adapter, p, windows, quiet=args.quiet)
+        t_repair = time.time() - t_repair
+        standard = apply(model, adapter, p)
+        sparse = sp.for_prune(args, p, model, adapter, windows)
+        report = _report(args, source, standard, before, model, adapter, p, sparse, estimate, t0, t_repair)
+        if ppl_before:
+            report["perplexity_before"] = ppl_before
+            report["perplexity_after"] = _maybe_ppl(model, tok, args)
+        out = save(model, args.out, source=source, tokenizer=tok, plan=p, report=report, dtype=saved_dtype,
+                   force=args.force, files=sparse.files() if sparse else None)
+    report["size_bytes_after"] = weights_size(out)
+    if Path(source).exists():  # a folder, or a .gguf file
+        report["size_bytes_before"] = weights_size(source)
+    (out / "lopper_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def load_for(args: Selection, source: str, config, what: str):
+    """(model, tokenizer, adapter, memory estimate, streamed): the model in memory, or with its layers streamed from
+    the checkpoint (stream.py) when --stream on, or --stream auto and the in-memory estimate does not fit."""
+    estimate = memory_estimate(args, source, config)
+    blocked = args.not_streamed() or ("a .gguf file" if is_gguf(source) else "")
+    streamed = args.stream == "on" or (args.stream == "auto" and not blocked and not memory.fits(estimate, args.device))
+    if args.stream == "on" and is_gguf(source):
+        raise LopperError(f"--stream on reads safetensors, and {source} is a GGUF file: use --stream off")
+    if streamed:
+        estimate = memory_estimate(args, source, config, streamed=True)
+        log.info("streaming the layers from the checkpoint (estimated peak %.2f GB)", estimate["peak_bytes"] / 1e9)
+    hint = None if streamed or args.stream == "off" else \
+        (f"--stream on (not with {blocked})" if blocked else "--stream on")
+    memory.check_fits(estimate, args.device, what, first=hint)
+    model, tok, adapter = (stream.load_streamed if streamed else load_model)(source, args.device, args.dtype)
+    return model, tok, adapter, estimate, streamed
+
+
+def _report(args, source, standard, before, model, adapter, p, sparse, estimate, t0, t_repair) -> dict:
     after = {**count_params(model, adapter), "structures": structures(adapter)}
     report = {
         "lopper_version": __version__, "source": source, "standard_checkpoint": standard,
@@ -440,20 +503,11 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
                        for k in before["structures"]},
         "plan": p.meta, "args": asdict(args),
     }
-    if ppl_before:
-        report["perplexity_before"] = ppl_before
-        report["perplexity_after"] = _maybe_ppl(model, tok, args)
     if sparse:
         report["sparsity"] = sparse.report(model, adapter)
     report["memory"] = {"estimate": estimate, "measured": memory.peak(args.device)}
     report["repair_seconds"] = round(t_repair, 2)
     report["seconds"] = round(time.time() - t0, 2)
-    out = save(model, args.out, source=source, tokenizer=tok, plan=p, report=report, dtype=saved_dtype,
-               force=args.force, files=sparse.files() if sparse else None)
-    report["size_bytes_after"] = weights_size(out)
-    if Path(source).exists():  # a folder, or a .gguf file
-        report["size_bytes_before"] = weights_size(source)
-    (out / "lopper_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
@@ -510,7 +564,7 @@ def structures(adapter) -> dict[str, int | list[int]]:
     return out
 
 
-def memory_estimate(args: Selection, source: str, config) -> dict:
+def memory_estimate(args: Selection, source: str, config, streamed: bool = False) -> dict:
     """memory.estimate_prune for these arguments, from the source's config alone (nothing is loaded)."""
     if getattr(config, "lopper_layout", None):
         return {"peak_bytes": 0, "weights_bytes": 0, "phases_bytes": {}, "largest_phase": None}  # refused later
@@ -521,7 +575,8 @@ def memory_estimate(args: Selection, source: str, config) -> dict:
         shape, dtype=resolve_dtype(args.dtype, args.device), device=args.device, checkpoint_bytes=on_disk,
         samples=args.calib_samples, seq_len=args.seq_len, repair=args.repair != "none",
         correct=args.repair_correct, sparsegpt=spec.active and spec.criterion == "sparsegpt",
-        search=args.params_search == "loss" and bool(args.params or args.target_speedup))
+        search=args.params_search == "loss" and bool(args.params or args.target_speedup),
+        all_pairs=args.layer_metric == "angular", streamed=streamed)
 
 
 def _maybe_ppl(model, tok, args: PruneArgs):

@@ -14,6 +14,7 @@ group adds the scores of its query heads), so a score compares units of one stru
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .arch import Adapter, Part
 from .arch.base import ExpertTensor, in_dim
+from .layerwise import call_layer, capture_layer_inputs, resident, run_tail
 
 
 LINEAR = (nn.Linear, Conv1D)  # Conv1D (GPT-2) is a Linear with its weight stored [in, out]
@@ -49,22 +51,20 @@ class Stats:
 
 
 @torch.no_grad()
-def collect(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], quiet: bool = False) -> Stats:
-    """Run the calibration batches ([1, L] token ids each) once, recording the residual stream at every layer
-    boundary and the squared input norms of every Linear."""
+def collect(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], quiet: bool = False,
+            all_pairs: bool = True) -> Stats:
+    """Run the calibration batches ([1, L] token ids each) layer by layer (layerwise.py: one layer resident at a
+    time on a streamed model), recording the residual stream at every layer boundary and the squared input norms
+    of every Linear. `all_pairs`: the cosine and angle between every two boundaries (Gromov's block distances,
+    --layer-metric angular), which keeps every boundary's normalized stream [N, L, hidden] in float32 until the
+    end; else only between neighbours (block influence), with memory independent of depth."""
     layers = adapter.layers()
     n = len(layers)
     cos_sum, ang_sum = torch.zeros(n + 1, n + 1), torch.zeros(n + 1, n + 1)
+    seen = torch.zeros(n + 1, n + 1, dtype=torch.bool)
     input_sq: dict[int, torch.Tensor] = {}
     input_sum: dict[int, torch.Tensor] = {}
     input_rows: dict[int, int] = {}
-    stream: list[torch.Tensor] = []
-
-    def grab_in(module, args, kwargs):
-        stream.append((args[0] if args else kwargs["hidden_states"]).detach())
-
-    def grab_out(module, args, kwargs, output):
-        stream.append((output[0] if isinstance(output, tuple) else output).detach())
 
     def grab_sq(module, args):
         x = args[0].detach().float()
@@ -73,26 +73,42 @@ def collect(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], qui
         input_sum[id(module)] = input_sum.get(id(module), 0) + x.sum(0).cpu()
         input_rows[id(module)] = input_rows.get(id(module), 0) + x.shape[0]
 
-    hooks = [layer.register_forward_pre_hook(grab_in, with_kwargs=True) for layer in layers]
-    hooks.append(layers[-1].register_forward_hook(grab_out, with_kwargs=True))
-    hooks += [m.register_forward_pre_hook(grab_sq) for m in model.modules() if isinstance(m, LINEAR)]
+    def unit(x):
+        return torch.nn.functional.normalize(x.float().reshape(-1, x.shape[-1]), dim=-1)
+
+    def add(i, j, a, b):
+        c = (a * b).sum(-1).clamp(-1, 1)  # [T]
+        cos_sum[i, j] += c.sum().cpu()
+        ang_sum[i, j] += (torch.arccos(c) / torch.pi).sum().cpu()
+        seen[i, j] = True
+
+    hooks = [m.register_forward_pre_hook(grab_sq) for m in model.modules() if isinstance(m, LINEAR)]
     extra: dict = {}
     hooks += adapter.calibration_hooks(extra)
-    tokens = 0
-    device = next(model.parameters()).device
     try:
-        for ids in tqdm(batches, desc="calibration", disable=quiet, leave=False):
-            stream.clear()
-            model(input_ids=ids.to(device))
-            xs = [torch.nn.functional.normalize(x.float().reshape(-1, x.shape[-1]), dim=-1) for x in stream]
-            for i in range(n + 1):
-                c = (xs[i][None] * torch.stack(xs[i:])).sum(-1).clamp(-1, 1)  # [n+1-i, T]
-                cos_sum[i, i:] += c.sum(-1).cpu()
-                ang_sum[i, i:] += (torch.arccos(c) / torch.pi).sum(-1).cpu()
-            tokens += xs[0].shape[0]
+        xs, calls = capture_layer_inputs(model, adapter, batches)
+        tokens = sum(x.shape[0] * x.shape[1] for x in xs)
+        kept = [[unit(x)] for x in xs] if all_pairs else None
+        for i, layer in enumerate(tqdm(layers, desc="calibration", disable=quiet, leave=False)):
+            with resident(layer):
+                ys = [call_layer(layer, x, calls[b][i]) for b, x in enumerate(xs)]
+            for b, (x, y) in enumerate(zip(xs, ys)):
+                u = unit(y)
+                if all_pairs:
+                    kept[b].append(u)
+                else:
+                    add(i, i + 1, unit(x), u)
+            xs = ys
+        if all_pairs:
+            for b in range(len(xs)):
+                for i in range(n + 1):
+                    for j in range(i, n + 1):
+                        add(i, j, kept[b][i], kept[b][j])
+        run_tail(model, adapter, batches, xs)
     finally:
         for h in hooks:
             h.remove()
+    cos_sum[~seen], ang_sum[~seen] = float("nan"), float("nan")  # pairs not measured: loud if ever read
     return Stats(tokens=tokens, cos=cos_sum / tokens, angle=ang_sum / tokens, input_sq=input_sq,
                  input_sum=input_sum, input_rows=input_rows, extra=extra)
 
@@ -108,11 +124,12 @@ def block_angular(stats: Stats, size: int) -> list[float]:
     return [stats.angle[i, i + size].item() for i in range(n - size + 1)]
 
 
-def unit_scores(parts: list[Part], n_units: int, stats: Stats | None, metric: str) -> torch.Tensor:
+def unit_scores(parts: list[Part], n_units: int, stats: Stats | None, metric: str,
+                total: torch.Tensor | None = None) -> torch.Tensor:
     """Score per unit: sum over the unit's weights of |W| (metric 'magnitude') or |W| * ||X_in|| ('activation');
     'fluctuation' sums Var(X_j) * ||W[:, j]||^2 over the unit's input columns only (FLAP scores the inputs of the
-    output projections; the rows of q/k/v and gate/up add nothing)."""
-    total = torch.zeros(n_units)
+    output projections; the rows of q/k/v and gate/up add nothing). `total`: add into this [n_units] sum."""
+    total = torch.zeros(n_units) if total is None else total
     for p in parts:
         if metric == "fluctuation":
             if isinstance(p.module, LINEAR) and p.dim == in_dim(p.module) and id(p.module) in stats.input_rows:
@@ -143,28 +160,51 @@ class WidthScores:
 
 
 def width_scores(adapter: Adapter, stats: Stats | None, metric: str) -> WidthScores:
+    """Every structure's unit scores, one layer resident at a time (a streamed model reads each layer once here).
+    Hidden channels sum Parts across all layers, in `adapter.hidden_parts()` order whatever is resident."""
     if metric in ("activation", "fluctuation") and stats is None:
         raise ValueError(f"the {metric} metric needs calibration statistics")
-    heads, kv, mlp = {}, {}, {}
-    for i, layer in enumerate(adapter.layers()):
-        w = adapter.layer_widths(layer)
+    layers = list(adapter.layers())
+    owner = {id(m): i for i, layer in enumerate(layers) for m in layer.modules()}
+    heads, kv, mlp, other = {}, {}, {}, {}
+    hidden = torch.zeros(adapter.hidden_size())
+    hidden_metric = "activation" if metric == "fluctuation" else metric
+
+    def score_layer(i):
+        layer, w = layers[i], adapter.layer_widths(layers[i])
         heads[i] = unit_scores(adapter.head_parts(layer), w["heads"], stats, metric)
         mlp[i] = unit_scores(adapter.mlp_parts(layer), w["mlp"], stats, metric)
         if adapter.has_kv_groups:
             own = unit_scores(adapter.kv_parts(layer), w["kv_heads"], stats, metric)
             kv[i] = own + heads[i].view(w["kv_heads"], -1).sum(1)
-    hidden = unit_scores(adapter.hidden_parts(), adapter.hidden_size(), stats,
-                         "activation" if metric == "fluctuation" else metric)
-    return WidthScores(heads=heads, kv_heads=kv, mlp=mlp, hidden=hidden, other=extra_scores(adapter, stats, metric))
+        for key, scores in extra_scores(adapter, stats, metric, i).items():
+            other.setdefault(key, {})[i] = scores
+
+    with ExitStack() as held:
+        current = None
+        for part in adapter.hidden_parts():
+            i = owner.get(id(part.module.module if isinstance(part.module, ExpertTensor) else part.module))
+            if i is not None and i != current:
+                held.close()
+                held.enter_context(resident(layers[i]))
+                current = i
+                score_layer(i)
+            unit_scores([part], len(hidden), stats, hidden_metric, total=hidden)
+    for i in range(len(layers)):
+        if i not in heads:
+            with resident(layers[i]):
+                score_layer(i)
+    order = lambda d: dict(sorted(d.items()))  # noqa: E731
+    return WidthScores(heads=order(heads), kv_heads=order(kv), mlp=order(mlp), hidden=hidden,
+                       other={k: order(v) for k, v in other.items()})
 
 
-def extra_scores(adapter: Adapter, stats: Stats | None, metric: str) -> dict[str, dict[int, torch.Tensor]]:
-    """Scores of the adapter's extra structures (experts, their channels, a shared expert's channels): the
-    adapter's own where it has them (routing statistics), else from the Parts."""
-    out: dict[str, dict[int, torch.Tensor]] = {}
-    for i, layer in enumerate(adapter.layers()):
-        w = adapter.layer_widths(layer)
-        for key, parts in adapter.extra_parts(layer).items():
-            own = adapter.custom_scores(i, layer, key, stats.extra if stats else {}, metric) if parts else None
-            out.setdefault(key, {})[i] = own if own is not None else unit_scores(parts, w[key], stats, metric)
+def extra_scores(adapter: Adapter, stats: Stats | None, metric: str, i: int) -> dict[str, torch.Tensor]:
+    """Scores of layer i's extra structures (experts, their channels, a shared expert's channels): the adapter's
+    own where it has them (routing statistics), else from the Parts."""
+    layer = adapter.layers()[i]
+    w, out = adapter.layer_widths(layer), {}
+    for key, parts in adapter.extra_parts(layer).items():
+        own = adapter.custom_scores(i, layer, key, stats.extra if stats else {}, metric) if parts else None
+        out[key] = own if own is not None else unit_scores(parts, w[key], stats, metric)
     return out

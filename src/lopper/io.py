@@ -184,7 +184,7 @@ def load_model(source: str, device: str = "cpu", dtype: str = "auto"):
             raise LopperError(f"{source} lacks weights for {len(missing)} tensors (e.g. {missing[0]}): the folder "
                               "is incomplete; download it again")
     model.to(device).eval()
-    return model, _tokenizer(source), cls(model)
+    return model, load_tokenizer(source), cls(model)
 
 
 def _load_replayed(source: str, config, dtype: torch.dtype):
@@ -215,7 +215,8 @@ def _load_replayed(source: str, config, dtype: torch.dtype):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "tokenizer_config.json")
 
 
-def _tokenizer(source: str):
+def load_tokenizer(source: str):
+    """The source's tokenizer, or None where it has none (magnitude-only pruning needs none)."""
     if is_gguf(source):  # the vocabulary and merges are in the GGUF's metadata
         folder, name = gguf_location(source)
         try:
@@ -251,14 +252,20 @@ def save(model, out: str | Path, *, source: str, tokenizer, plan: Plan | None, r
         if dtype is not None:
             model.to(dtype)
         model.save_pretrained(tmp, safe_serialization=True)
-        add_legacy_config_keys(tmp / "config.json")
-        copy_side_files(source, tmp, tokenizer)
-        if plan is not None:  # heal of a model that lopper did not prune
-            plan.save(tmp / PLAN_FILE)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        for name, data in (files or {}).items():
-            (tmp / name).write_bytes(data)
+        write_beside(tmp, source=source, tokenizer=tokenizer, plan=plan, report=report, files=files)
     return Path(out)
+
+
+def write_beside(folder: Path, *, source: str, tokenizer, plan: Plan | None, report: dict,
+                 files: dict[str, bytes] | None = None) -> None:
+    """What goes beside the weights and config.json: legacy config keys, tokenizer files, plan, report, `files`."""
+    add_legacy_config_keys(folder / "config.json")
+    copy_side_files(source, folder, tokenizer)
+    if plan is not None:  # heal of a model that lopper did not prune
+        plan.save(folder / PLAN_FILE)
+    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    for name, data in (files or {}).items():
+        (folder / name).write_bytes(data)
 
 
 @contextmanager

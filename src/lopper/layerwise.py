@@ -1,10 +1,22 @@
 """Running a model one layer at a time: the hidden states entering the first layer and the arguments every layer is
-called with (captured once), then each layer called on its own. The one place for the sequential scheme that the
-repair (repair.py) and Wanda / SparseGPT (sparsity/apply.py) use: each layer sees the already-changed model's activations.
+called with (captured once, without computing any layer), then each layer called on its own. The one place for the
+sequential scheme that importance statistics (importance.py), the repair (repair.py), Wanda / SparseGPT
+(sparsity/apply.py) and the layer-streamed prune (stream.py) use: each layer sees the already-changed model's
+activations.
+
+A streamed model keeps its layers' weights on the meta device; `resident(layer)` reads one layer's tensors from the
+checkpoint for the length of a block, and a forward hook does the same around any call, so code written for a
+resident model runs unchanged on a streamed one, one layer in memory at a time (the scheme of SparseGPT and
+llm-compressor; accelerate's `set_module_tensor_to_device` moves the tensors).
 """
 from __future__ import annotations
 
+import weakref
+from contextlib import contextmanager
+from typing import Callable
+
 import torch
+from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 
 from .arch import Adapter
@@ -14,23 +26,112 @@ class _Stop(Exception):
     pass
 
 
+# layer -> (reads its tensors: {name: tensor} at the compute dtype and device, {name: original meta tensor})
+_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DEPTH: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> open resident() blocks and calls
+_TUPLE_OUT: dict[type, bool] = {}  # layer class -> whether it returns a tuple (GPT-2, OPT, BERT) or a tensor
+_STUBBED: weakref.WeakSet = weakref.WeakSet()  # layers whose forward is stubbed out: nothing to read
+
+
+def stream_layer(layer: nn.Module, read: Callable[[], dict[str, torch.Tensor]]) -> None:
+    """Make `layer` streamed: its parameters go to the meta device and come back from `read()` while it is
+    resident (a `resident` block, or any call of the layer)."""
+    shapes = {name: torch.empty_like(p, device="meta") for name, p in layer.named_parameters()}
+    _SOURCES[layer] = (read, shapes)
+    release(layer)
+    layer.register_forward_pre_hook(lambda module, args: _enter(module))
+    layer.register_forward_hook(lambda module, args, out: _leave(module))
+
+
+def is_streamed(layer: nn.Module) -> bool:
+    return layer in _SOURCES
+
+
+def retire(layer: nn.Module) -> None:
+    """The layer's weights were changed and written out: never read the original checkpoint for it again (a later
+    call then fails on meta tensors instead of silently computing with the unchanged weights)."""
+    _SOURCES.pop(layer, None)
+    _DEPTH.pop(layer, None)
+
+
+def release(layer: nn.Module) -> None:
+    """Back to the meta device, with the original shapes (surgery on the meta skeleton cuts those)."""
+    if layer in _SOURCES:
+        for name, meta in _SOURCES[layer][1].items():
+            owner, _, attr = name.rpartition(".")
+            module = layer.get_submodule(owner)
+            module._parameters[attr] = nn.Parameter(meta, requires_grad=module._parameters[attr].requires_grad)
+
+
+@contextmanager
+def resident(layer: nn.Module):
+    """The layer's weights in memory for the block (nothing to do for a layer that is not streamed)."""
+    _enter(layer)
+    try:
+        yield layer
+    finally:
+        _leave(layer)
+
+
+def _enter(layer: nn.Module) -> None:
+    if layer not in _SOURCES or layer in _STUBBED:
+        return
+    depth = _DEPTH.get(layer, 0)
+    if depth == 0:
+        for name, t in _SOURCES[layer][0]().items():
+            set_module_tensor_to_device(layer, name, t.device, value=t)
+    _DEPTH[layer] = depth + 1
+
+
+def _leave(layer: nn.Module) -> None:
+    if layer not in _SOURCES or layer in _STUBBED:
+        return
+    _DEPTH[layer] -= 1
+    if _DEPTH[layer] == 0:
+        release(layer)
+
+
+@contextmanager
+def _stubbed(layers, stub):
+    """Replace every layer's forward by stub(index, *args, **kwargs) for the block: the model's own code before and
+    after its layers runs as usual (embeddings, masks, rotary tables; final norm, head) while no layer computes."""
+    saved = [layer.__dict__.get("forward") for layer in layers]
+    for i, layer in enumerate(layers):
+        layer.forward = lambda *a, i=i, **kw: stub(i, *a, **kw)
+        _STUBBED.add(layer)
+    try:
+        yield
+    finally:
+        for layer, old in zip(layers, saved):
+            _STUBBED.discard(layer)
+            if old is None:
+                del layer.forward
+            else:
+                layer.forward = old
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(p.device for p in model.parameters() if not p.is_meta)
+
+
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor]):
-    """Per window: the hidden states entering layer 0 and the keyword arguments (masks, rotary embeddings)
-    every layer is called with; these depend on the tokens and the layer type, not on the weights."""
-    layers = adapter.layers()
+    """Per window: the hidden states entering layer 0 and the (args, kwargs) every layer is called with (masks,
+    rotary embeddings); these depend on the tokens and the layer type, not on the weights, so they are recorded
+    with every layer's forward stubbed out and none computed."""
+    layers = list(adapter.layers())
     hidden, kwargs = [], []
     calls: list[dict] = []
 
-    def grab(module, args, kw):
-        calls.append({"x": args[0] if args else kw["hidden_states"], "args": args[1:],
-                      "kw": {k: v for k, v in kw.items() if k != "hidden_states"}})
-        if module is layers[-1]:
+    def record(i, *args, **kw):
+        x = args[0] if args else kw.pop("hidden_states")
+        calls.append({"x": x, "args": args[1:], "kw": {k: v for k, v in kw.items() if k != "hidden_states"}})
+        if i == len(layers) - 1:
             raise _Stop
+        return (x,) if _TUPLE_OUT.get(type(layers[i]), False) else x
 
-    hooks = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
-    device = next(model.parameters()).device
-    try:
+    device = _device(model)
+    with _stubbed(layers, record):
         for ids in batches:
             calls.clear()
             try:
@@ -40,14 +141,29 @@ def capture_layer_inputs(model: nn.Module, adapter: Adapter, batches: list[torch
                 pass
             hidden.append(calls[0]["x"])
             kwargs.append([(c["args"], c["kw"]) for c in calls])
-    finally:
-        for h in hooks:
-            h.remove()
     return hidden, kwargs
+
+
+@torch.no_grad()
+def run_tail(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], finals: list[torch.Tensor]) -> None:
+    """Run what follows the layers (final norm, head, pooler) as the model's forward would on the hidden states
+    `finals` [1, L, hidden] leaving the last layer, one per window; for the hooks registered on those modules."""
+    layers = list(adapter.layers())
+    device = _device(model)
+    for ids, y in zip(batches, finals):
+        def give(i, *args, **kw):
+            x = y if i == 0 else (args[0] if args else kw["hidden_states"])
+            return (x,) if _TUPLE_OUT.get(type(layers[i]), False) else x
+
+        with _stubbed(layers, give):
+            model(input_ids=ids.to(device), use_cache=False) if not adapter.is_encoder else model(
+                input_ids=ids.to(device))
 
 
 def call_layer(layer, x, call):
     """The layer's output hidden states for input x [B, L, hidden] and one recorded call (args, kwargs)."""
     args, kw = call
-    y = layer(x, *args, **kw)
+    with resident(layer):
+        y = layer(x, *args, **kw)
+    _TUPLE_OUT[type(layer)] = isinstance(y, tuple)
     return y[0] if isinstance(y, tuple) else y

@@ -2,8 +2,10 @@
 
 The in-memory path holds the whole model at the compute dtype all along; on top of it, one phase at a time:
 - loading: the checkpoint's bytes (safetensors are memory-mapped and read while the model is filled), CPU only;
-- calibration: one window's residual stream at every layer boundary, [layers + 1, L, hidden] at the compute dtype
-  plus two float32 copies (importance.collect), and the logits [L, vocab] in float32;
+- calibration: every window's hidden states entering and leaving the current layer, 2 x [N, L, hidden] at the
+  compute dtype (importance.collect runs layer by layer), two float32 normalized copies of one window, and the
+  logits [L, vocab] in float32; with --layer-metric angular also every boundary's normalized stream,
+  [layers + 1, N, L, hidden] in float32;
 - repair (lsq): the calibration hidden states [N, L, hidden], four times with --repair-correct > 0 (the cut and
   the unpruned stream, and the two targets of _toward_teacher), and the widest writer's Gram matrix
   [I + 1, I + 1] in float32 with its float64 solve (20 bytes per entry);
@@ -44,19 +46,29 @@ def model_shape(config, model_cls) -> dict:
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "n_head", 1)
     head_dim = getattr(text, "head_dim", None) or hidden // heads
     layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", 1)
+    stack = [m for m in shell.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers]
+    layer_params = max((sum(p.numel() for p in m.parameters()) for m in stack[0]), default=0) if stack else 0
     return {"params": params, "hidden": hidden, "mlp": mlp, "attention": heads * head_dim, "layers": layers,
-            "vocab": getattr(text, "vocab_size", 0)}
+            "vocab": getattr(text, "vocab_size", 0), "layer_params": layer_params}
 
 
 def estimate_prune(shape: dict, *, dtype: torch.dtype, device: str, checkpoint_bytes: int, samples: int,
-                   seq_len: int, repair: bool, correct: float, sparsegpt: bool, search: bool) -> dict:
-    """Bytes per part and the estimated peak (`peak_bytes`) of `lopper prune` on the in-memory path."""
+                   seq_len: int, repair: bool, correct: float, sparsegpt: bool, search: bool, all_pairs: bool = False,
+                   streamed: bool = False) -> dict:
+    """Bytes per part and the estimated peak (`peak_bytes`) of `lopper prune`, in memory or streamed (then the
+    weights are those outside the layers plus two layers, and loading reads one layer at a time)."""
     size = dtype.itemsize
     h, n, L = shape["hidden"], samples, seq_len
     weights = shape["params"] * size
+    loading = checkpoint_bytes if device == "cpu" else 0
+    if streamed:
+        layer = shape["layer_params"]
+        weights = (shape["params"] - shape["layers"] * layer + 2 * layer) * size
+        loading = layer * checkpoint_bytes // max(shape["params"], 1) if device == "cpu" else 0
     phases = {
-        "loading": checkpoint_bytes if device == "cpu" else 0,
-        "calibration": (shape["layers"] + 1) * L * h * (size + 8) + 2 * L * shape["vocab"] * 4,
+        "loading": loading,
+        "calibration": 2 * n * L * h * size + 2 * L * h * 4 + 2 * L * shape["vocab"] * 4
+        + ((shape["layers"] + 1) * n * L * h * 4 if all_pairs else 0),
         "repair": ((4 if correct > 0 else 1) * n * L * h * size + (shape["mlp"] + 1) ** 2 * 20) if repair else 0,
         "sparsity": 4 * (2 * h * h + shape["attention"] ** 2 + shape["mlp"] ** 2) if sparsegpt else 0,
         "search": weights if search else 0,
@@ -64,7 +76,7 @@ def estimate_prune(shape: dict, *, dtype: torch.dtype, device: str, checkpoint_b
     largest = max(phases, key=phases.get)
     runtime = RUNTIME_CPU if device == "cpu" else 0
     return {"weights_bytes": weights, "phases_bytes": phases, "largest_phase": largest, "runtime_bytes": runtime,
-            "peak_bytes": weights + phases[largest] + runtime, "device": device}
+            "peak_bytes": weights + phases[largest] + runtime, "device": device, "streamed": streamed}
 
 
 def available(device: str) -> int:
@@ -75,12 +87,17 @@ def available(device: str) -> int:
     return psutil.virtual_memory().available
 
 
-def check_fits(estimate: dict, device: str, what: str) -> None:
-    """Refuse, before any work, a run whose estimated peak exceeds the memory available, naming what to change."""
+def fits(estimate: dict, device: str) -> bool:
+    return estimate["peak_bytes"] <= available(device)
+
+
+def check_fits(estimate: dict, device: str, what: str, first: str | None = None) -> None:
+    """Refuse, before any work, a run whose estimated peak exceeds the memory available, naming what to change
+    (`first`: the fix to name first, e.g. streaming)."""
     have = available(device)
     if estimate["peak_bytes"] <= have:
         return
-    fixes = ["--device cuda" if device == "cpu" and torch.cuda.is_available() else None,
+    fixes = [first, "--device cuda" if device == "cpu" and torch.cuda.is_available() else None,
              "--dtype bfloat16 (half the weights)" if estimate["weights_bytes"] and device == "cpu" else None,
              "fewer --calib-samples" if estimate["largest_phase"] in ("repair", "calibration") else None,
              "--repair none" if estimate["largest_phase"] == "repair" else None,

@@ -29,6 +29,7 @@ cut units masked to zero, so `surgery.apply` afterwards gives the same function,
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Callable
 
 import torch
 from torch import nn
@@ -36,18 +37,20 @@ from tqdm.auto import tqdm
 
 from .arch import Adapter
 from .arch.base import in_dim, out_dim
-from .layerwise import call_layer, capture_layer_inputs
+from .layerwise import call_layer, capture_layer_inputs, resident
 from .plan import Plan
 from .surgery import removed_cuts, zero
 
 
 @torch.no_grad()
 def repair(model: nn.Module, adapter: Adapter, plan: Plan, batches: list[torch.Tensor], damp: float = 0.001,
-           correct: float = 0.3, reselect: bool = False, quiet: bool = False) -> None:
+           correct: float = 0.3, reselect: bool = False, quiet: bool = False,
+           after: Callable[[int], None] | None = None) -> None:
     """Mask the plan's cuts into `model` and refit the writers of every kept layer (in place, full width); with
     `correct` > 0 (alpha above) in pre-norm decoders, every kept layer's writers are refit, cut or not. With
     `reselect`, which MLP channels each layer keeps is chosen here by greedy OBS (`obs_keep`), the counts staying
-    the plan's; `plan` is updated to the channels kept."""
+    the plan's; `plan` is updated to the channels kept. `after(i)` runs once kept layer i is final, while it is
+    still resident (the streamed prune cuts and writes it then); nothing reads layer i after that."""
     cuts = removed_cuts(adapter, plan)
     layers = list(adapter.layers())
     if not cuts and len(plan.layers) == len(layers):
@@ -65,18 +68,27 @@ def repair(model: nn.Module, adapter: Adapter, plan: Plan, batches: list[torch.T
             zero(outside)
             xs = capture_layer_inputs(model, adapter, batches)[0]
     for pos, i in enumerate(tqdm(plan.layers, desc="repair", disable=quiet, leave=False)):
-        layer = layers[i]
-        step = [c[i] for c in calls]
-        choose = (lambda grams, cross, i=i: _reselect_mlp(adapter, plan, i, cuts, grams, cross, damp)) \
-            if reselect else None
-        if teacher:
-            nxt = plan.layers[pos + 1] if pos + 1 < len(plan.layers) else len(layers)
-            ts = _toward_teacher(adapter, layers, i, nxt, cuts, xs, ts, calls, damp, correct, choose)
-        else:
-            _fit(layer, [w for w in adapter.writers(layer) if (w, in_dim(w)) in cuts], cuts, xs, step, damp,
-                 choose=choose)
-        zero(_within(cuts, layer))
-        xs = [call_layer(layer, x, step[b]) for b, x in enumerate(xs)]
+        with resident(layers[i]):
+            xs, ts = _repair_layer(adapter, plan, layers, pos, cuts, xs, ts, calls, damp, correct, reselect)
+            if after is not None:
+                after(i)
+
+
+def _repair_layer(adapter, plan, layers, pos, cuts, xs, ts, calls, damp, correct, reselect):
+    """One kept layer's refit; returns the cut stream after it and (with a teacher) the unpruned stream."""
+    i = plan.layers[pos]
+    layer, teacher = layers[i], ts is not None
+    step = [c[i] for c in calls]
+    choose = (lambda grams, cross, i=i: _reselect_mlp(adapter, plan, i, cuts, grams, cross, damp)) \
+        if reselect else None
+    if teacher:
+        nxt = plan.layers[pos + 1] if pos + 1 < len(plan.layers) else len(layers)
+        ts = _toward_teacher(adapter, layers, i, nxt, cuts, xs, ts, calls, damp, correct, choose)
+    else:
+        _fit(layer, [w for w in adapter.writers(layer) if (w, in_dim(w)) in cuts], cuts, xs, step, damp,
+             choose=choose)
+    zero(_within(cuts, layer))
+    return [call_layer(layer, x, step[b]) for b, x in enumerate(xs)], ts
 
 
 def _toward_teacher(adapter, layers, i, nxt, cuts, xs, ts, calls, damp, alpha, choose=None):
@@ -91,9 +103,10 @@ def _toward_teacher(adapter, layers, i, nxt, cuts, xs, ts, calls, damp, alpha, c
     for b, t in enumerate(ts):
         y, seen = _run(layer, t, step[b], first)
         mids.append(t + sum(seen[w][1] for w in first))
-        for j in range(i + 1, nxt):
-            y = call_layer(layers[j], y, calls[b][j])
         outs.append(y)
+    for j in range(i + 1, nxt):  # the dropped layers that follow, one resident at a time
+        with resident(layers[j]):
+            outs = [call_layer(layers[j], y, calls[b][j]) for b, y in enumerate(outs)]
     gap = {w: (lambda b, x, y, seen: mids[b] - x - sum(seen[v][1] for v in first)) for w in first}
     _fit(layer, first, cuts, xs, step, damp, gap, alpha)
     zero(_within(cuts, attn))

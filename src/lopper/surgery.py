@@ -110,9 +110,7 @@ def apply(model: nn.Module, adapter: Adapter, plan: Plan) -> bool:
     cuts = removed_cuts(adapter, plan)
     with torch.no_grad():
         _drop_layers(adapter, plan.layers)
-        memo: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
-        for (module, dim), gone in sorted(cuts.items(), key=lambda kv: not _flat(*kv[0])):  # experts' own channels
-            _slice(module, dim, gone, memo)  # first: their indices count in the original experts
+        cut_modules(cuts)
         if adapter.rms_norm and len(plan.hidden) != hidden_before:
             _rescale_rms_norms(adapter, hidden_before / len(plan.hidden))
         if len(plan.hidden) != hidden_before:
@@ -122,6 +120,28 @@ def apply(model: nn.Module, adapter: Adapter, plan: Plan) -> bool:
     standard = _rewrite_config(adapter, plan, hidden_before)
     adapter.finish(standard)
     return standard
+
+
+def cut_modules(cuts: dict[tuple[nn.Module, int], torch.Tensor]) -> None:
+    """Slice every (module, dim) in `cuts` to the channels kept; experts' own channels first, since their flat
+    indices count in the original experts. Tied weights are cut once."""
+    memo: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
+    with torch.no_grad():
+        for (module, dim), gone in sorted(cuts.items(), key=lambda kv: not _flat(*kv[0])):
+            _slice(module, dim, gone, memo)
+
+
+@torch.no_grad()
+def cut_layer(adapter: Adapter, layer: nn.Module, cuts: dict, hidden_ratio: float) -> None:
+    """Cut one kept layer's tensors in place as `apply` cuts them (the layer-streamed prune writes each layer this
+    way while the rest of the model stays on the meta device, where `apply` then cuts only shapes).
+    hidden_ratio = d / d' rescales the layer's RMSNorm weights; their eps is `apply`'s to change."""
+    inside = {id(m) for m in layer.modules()}
+    cut_modules({k: v for k, v in cuts.items()
+                 if id(k[0].module if isinstance(k[0], ExpertTensor) else k[0]) in inside})
+    if adapter.rms_norm and hidden_ratio != 1:
+        for n in adapter.layer_norms(layer):
+            adapter.scale_norm(n, math.sqrt(hidden_ratio))
 
 
 def _drop_layers(adapter: Adapter, keep: list[int]) -> None:

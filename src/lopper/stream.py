@@ -1,0 +1,176 @@
+"""The layer-streamed prune: peak memory independent of depth (issue 15; the sequential scheme of SparseGPT and
+llm-compressor).
+
+The model is built on the meta device; the embeddings, final norm and head are read from the checkpoint and stay
+in memory; each decoder layer is read from the memory-mapped safetensors only while it is used (layerwise.py) and
+released after. The passes are the in-memory prune's own functions, which run one layer at a time:
+1. calibration statistics (`importance.collect`) and width scores (`importance.width_scores`): one read per layer;
+2. the plan, from every layer's statistics;
+3. per kept layer, in order: the repair (`repair.repair` on the already-cut model's hidden states, with the
+   unpruned stream beside it), then the cut (`surgery.cut_layer`), then the write of its tensors to their own
+   shard; then `surgery.apply` on the meta skeleton rewrites the config and cuts the resident tensors, which go to
+   the last shard.
+Peak: embeddings + head + one or two layers + the calibration hidden states. The result is the in-memory prune's
+(tests/test_stream.py: same plan, same logits).
+
+Streams: Hugging Face folders of safetensors whose tensor names are the model's own (what transformers 5 saves for
+dense families), layer metrics bi/angular, width metrics magnitude/activation/fluctuation, --repair lsq/none.
+Not yet: GGUF files, checkpoints whose names transformers converts at load (fused experts), Fisher scores, SLEB,
+--params-search loss, --target-speedup, --calib self (sampling reads every layer once per token), sparsity,
+--eval-text; `refusals` names them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .arch import adapter_class
+from .errors import LopperError
+from .io import is_gguf, load_tokenizer, model_class, read_config, resolve_dtype
+from .layerwise import release, resident, retire, stream_layer
+from .plan import Plan
+from .surgery import apply, cut_layer, removed_cuts
+
+log = logging.getLogger("lopper")
+INDEX = "model.safetensors.index.json"
+
+
+class Checkpoint:
+    """A safetensors checkpoint: which file holds each tensor name. Reads opens the file for the read only, so
+    the mapped pages of a layer are let go with it."""
+
+    def __init__(self, folder: str):
+        folder = Path(folder)
+        if (folder / INDEX).is_file():
+            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+            self.files = {name: folder / f for name, f in weight_map.items()}
+        elif (folder / "model.safetensors").is_file():
+            with safe_open(folder / "model.safetensors", framework="pt") as f:
+                self.files = {name: folder / "model.safetensors" for name in f.keys()}
+        else:
+            raise LopperError(f"--stream reads safetensors, and {folder} has neither model.safetensors nor {INDEX}: "
+                              "prune it without --stream")
+
+    def read(self, names: dict[str, str], dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+        """{key: tensor} for {key: checkpoint name}, at `dtype` on `device` (copies, never views of the map)."""
+        out, by_file = {}, {}
+        for key, name in names.items():
+            by_file.setdefault(self.files[name], []).append((key, name))
+        for path, items in by_file.items():
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for key, name in items:
+                    t = f.get_tensor(name)
+                    out[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
+        return out
+
+
+def layers_prefix(model, adapter) -> str:
+    """The state-dict name of the decoder layers' ModuleList, e.g. 'model.layers'."""
+    layers = adapter.layers()
+    return next(name for name, m in model.named_modules() if m is layers)
+
+
+def load_streamed(source: str, device: str, dtype_name: str):
+    """(model, tokenizer or None, adapter) with the layers streamed from `source`: only the tensors outside the
+    layers are read now."""
+    config = read_config(source)
+    if is_gguf(source):
+        raise LopperError(f"--stream reads safetensors, and {source} is a GGUF file: prune it without --stream, or "
+                          "convert it first (lopper eval cannot write it; `lopper prune` with nothing removed can)")
+    if getattr(config, "lopper_layout", None):
+        raise LopperError(f"{source} was saved with a lopper layout, which cannot be pruned again yet")
+    dtype = resolve_dtype(dtype_name, device)
+    with init_empty_weights():
+        cls = model_class(config)
+        model = (getattr(cls, "_from_config", None) or cls.from_config)(config, dtype=dtype)
+    model.tie_weights()  # not done on meta tensors by _from_config
+    adapter = adapter_class(config.model_type)(model)
+    ckpt = Checkpoint(source)
+    names = [n for n, _ in model.named_parameters()]  # tied parameters once
+    other = [n for n in names if n not in ckpt.files]
+    if other:
+        raise LopperError(f"--stream reads tensors under the model's own names, and {source} has no tensor "
+                          f"{other[0]} ({len(other)} such: its checkpoint uses a layout that transformers converts "
+                          "at load, e.g. per-expert tensors): prune it with --stream off")
+    prefix = layers_prefix(model, adapter) + "."
+    outside = {n: n for n in names if not n.startswith(prefix)}
+    for name, t in ckpt.read(outside, dtype, device).items():
+        set_module_tensor_to_device(model, name, device, value=t)
+    for name, _ in model.named_buffers():
+        set_module_tensor_to_device(model, name, device)
+    model.tie_weights()
+    for i, layer in enumerate(adapter.layers()):
+        own = f"{prefix}{i}."
+        keys = {n[len(own):]: n for n in names if n.startswith(own)}
+        stream_layer(layer, lambda keys=keys: ckpt.read(keys, dtype, device))
+    model.eval()
+    return model, load_tokenizer(source), adapter
+
+
+class Shards:
+    """Writes the output's safetensors one shard at a time, named as transformers names them, and the index."""
+
+    def __init__(self, folder: Path, count: int, dtype: torch.dtype | None):
+        self.folder, self.count, self.dtype = folder, count, dtype
+        self.weight_map: dict[str, str] = {}
+        self.total = 0
+
+    def write(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
+        name = f"model-{k + 1:05d}-of-{self.count:05d}.safetensors"
+        cast = {n: (t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t).contiguous()
+                for n, t in tensors.items()}
+        save_file(cast, self.folder / name, metadata={"format": "pt"})
+        self.weight_map.update({n: name for n in cast})
+        self.total += sum(t.numel() * t.element_size() for t in cast.values())
+
+    def finish(self) -> None:
+        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def cut_and_write(model, adapter, plan: Plan, folder: Path, dtype: torch.dtype | None, repair=None) -> bool:
+    """Pass 3 of the module docstring: `repair(after)` (run_repair with its options) or None; returns whether the
+    output is a standard checkpoint. Writes weights and config.json into `folder`."""
+    layers, prefix = list(adapter.layers()), layers_prefix(model, adapter)
+    hidden_ratio = adapter.hidden_size() / len(plan.hidden)
+    shards = Shards(folder, len(plan.layers) + 1, dtype)
+    done: set[int] = set()
+
+    def write(i: int) -> None:
+        layer = layers[i]
+        cut_layer(adapter, layer, removed_cuts(adapter, replace(plan, layers=[i])), hidden_ratio)
+        j = plan.layers.index(i)
+        shards.write(j, {f"{prefix}.{j}.{n}": t for n, t in layer.state_dict().items()})
+        release(layer)
+        retire(layer)
+        done.add(i)
+
+    if repair is not None:
+        repair(after=write)
+    for i in plan.layers:
+        if i not in done:
+            with resident(layers[i]):
+                write(i)
+    standard = apply(model, adapter, plan)  # the layers are meta now: shapes and config; the rest is cut for real
+    inside = prefix + "."
+    rest, seen = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if not name.startswith(inside) and id(t) not in seen:
+            rest[name] = t.detach()
+            seen.add(id(t))
+    shards.write(len(plan.layers), rest)
+    shards.finish()
+    if dtype is not None:
+        model.config.dtype = dtype
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    return standard
