@@ -12,7 +12,8 @@ from lopper.arch import adapter_for
 from lopper.plan import Plan
 from tiny import outputs
 
-TOL = 1e-4  # float32
+TOL = 1e-4  # float32, relative to the largest output (Gemma's scaled embeddings reach tens: summation order alone
+# then moves the last bits by ~3e-4; a wrongly kept or dropped unit moves the outputs by O(1) of their scale)
 
 
 def n_params(model) -> int:
@@ -34,7 +35,8 @@ def cut_and_compare(model, plan: Plan, ids: torch.Tensor, visible: bool = True) 
     got = outputs(model, ids)
     assert got.shape == expected.shape
     diff = (got - expected).abs().max().item()
-    assert diff < TOL, f"pruned differs from masked by {diff} for plan {plan.to_json()}"
+    scale = max(1.0, expected.abs().max().item())
+    assert diff < TOL * scale, f"pruned differs from masked by {diff} (outputs up to {scale}) for plan {plan.to_json()}"
     return standard, got
 
 

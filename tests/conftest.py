@@ -15,7 +15,14 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine each parallel op can wait ms for them
 torch.set_num_threads(1)
 
+from hypothesis import settings  # noqa: E402
+
 from tiny import save_tiny  # noqa: E402
+
+# CI (.ci/run) draws the same examples on every run, so that a merge is never decided by a lucky draw; a local run
+# draws new ones (and hypothesis replays any failure it found from its database)
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(scope="session")

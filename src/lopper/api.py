@@ -485,8 +485,7 @@ def load_for(args: Selection, source: str, config, what: str):
     if streamed:
         estimate = memory_estimate(args, source, config, streamed=True)
         log.info("streaming the layers from the checkpoint (estimated peak %.2f GB)", estimate["peak_bytes"] / 1e9)
-    hint = None if streamed or args.stream == "off" else \
-        (f"--stream on (not with {blocked})" if blocked else "--stream on")
+    hint = None if streamed else (f"--stream on (not with {blocked})" if blocked else "--stream on")
     memory.check_fits(estimate, args.device, what, first=hint)
     model, tok, adapter = (stream.load_streamed if streamed else load_model)(source, args.device, args.dtype)
     return model, tok, adapter, estimate, streamed

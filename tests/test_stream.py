@@ -1,0 +1,156 @@
+"""The layer-streamed prune (stream.py) gives the in-memory prune's result, holds at most two layers at a time, and
+refuses by name what it does not stream."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import lopper
+from lopper import layerwise, memory
+from lopper.errors import LopperError
+from families import REGISTRY
+from tiny import make_model, tiny_model, tiny_moe, tiny_tokenizer, tree_digest
+
+DENSE = [f for f in REGISTRY.values() if not f.moe]
+# the cuts each family takes exactly (LayerNorm families: no hidden cut), with and without the repair
+CUTS = {"core": dict(params=0.3), "layernorm": dict(drop_layers=1, heads=0.5, mlp=0.4, repair="lsq"),
+        "hidden": dict(hidden=0.25, heads=0.5, mlp=0.5, drop_layers=1, repair="none")}
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    cache = {}
+
+    def make(family: str, layers: int = 4):
+        if (family, layers) not in cache:
+            folder = tmp_path_factory.mktemp(family)
+            if family in ("llama", "mistral", "qwen2", "qwen3", "bert", "roberta"):
+                model = tiny_model(family, layers=layers, init=0.2)
+            elif family in ("mixtral", "qwen2_moe", "qwen3_moe"):
+                model = tiny_moe(family, layers=layers)
+            else:
+                model = make_model(family, layers=layers)
+            model.save_pretrained(folder)
+            tiny_tokenizer(model.config.vocab_size).save_pretrained(folder)
+            cache[family, layers] = folder
+        return cache[family, layers]
+    return make
+
+
+def both(src, tmp_path, **kw):
+    """Prune `src` in memory and streamed with the same options; returns (report, folder) of each."""
+    common = dict(model=str(src), calib="builtin", calib_samples=4, seq_len=32, quiet=True, **kw)
+    out = []
+    for mode in ("off", "on"):
+        folder = tmp_path / mode
+        out.append((lopper.prune(out=str(folder), stream=mode, **common), folder))
+    return out
+
+
+def outputs(folder, ids):
+    y = lopper.load(str(folder))(input_ids=ids)
+    return y.logits if hasattr(y, "logits") else y.last_hidden_state
+
+
+def plan_of(folder):
+    p = json.loads((folder / "lopper_plan.json").read_text())
+    return {k: v for k, v in p.items() if k != "meta"}
+
+
+@pytest.mark.parametrize("family", [f.name for f in DENSE])
+def test_streamed_equals_in_memory(family, folders, tmp_path):
+    fam = REGISTRY[family]
+    cut = CUTS["layernorm"] if fam.layernorm else CUTS["core"]
+    (mem, a), (streamed, b) = both(folders(family), tmp_path, **cut)
+    assert streamed["memory"]["estimate"]["streamed"] and not mem["memory"]["estimate"]["streamed"]
+    assert plan_of(a) == plan_of(b)
+    assert streamed["params_after"] == mem["params_after"] < mem["params_before"]
+    assert streamed["standard_checkpoint"] == mem["standard_checkpoint"]
+    ids = fam.inputs(0)
+    torch.testing.assert_close(outputs(b, ids), outputs(a, ids), atol=1e-5, rtol=0)
+    if streamed["standard_checkpoint"] and not fam.encoder:  # the shards load in plain transformers
+        plain = transformers.AutoModelForCausalLM.from_pretrained(b)
+        torch.testing.assert_close(plain(input_ids=ids).logits, outputs(a, ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family,cut", [("llama", "hidden"), ("gemma2", "hidden"),
+                                        ("qwen3", dict(params=0.4, width_metric="fluctuation")),
+                                        ("llama", dict(params=0.3, allocation="global", layer_metric="angular")),
+                                        ("mistral", dict(mlp=0.5, repair_units="plan", repair_correct=0.0))])
+def test_streamed_equals_in_memory_options(family, cut, folders, tmp_path):
+    (mem, a), (streamed, b) = both(folders(family), tmp_path, **(CUTS[cut] if isinstance(cut, str) else cut))
+    assert plan_of(a) == plan_of(b)
+    ids = REGISTRY[family].inputs(1)
+    torch.testing.assert_close(outputs(b, ids), outputs(a, ids), atol=1e-5, rtol=0)
+
+
+def test_at_most_two_layers_resident_and_source_untouched(folders, tmp_path, monkeypatch):
+    src = folders("llama", layers=6)
+    before = tree_digest(src)
+    resident, peak = set(), [0]
+    enter, leave = layerwise._enter, layerwise._leave
+
+    def counting_enter(layer):
+        enter(layer)
+        if layerwise.is_streamed(layer) and layerwise._DEPTH.get(layer, 0):
+            resident.add(layer)
+            peak[0] = max(peak[0], len(resident))
+
+    def counting_leave(layer):
+        leave(layer)
+        if not layerwise._DEPTH.get(layer, 0):
+            resident.discard(layer)
+
+    monkeypatch.setattr(layerwise, "_enter", counting_enter)
+    monkeypatch.setattr(layerwise, "_leave", counting_leave)
+    lopper.prune(model=str(src), out=str(tmp_path / "o"), stream="on", params=0.3, calib="builtin", calib_samples=2,
+                 seq_len=16, quiet=True)
+    assert 1 <= peak[0] <= 2
+    assert tree_digest(src) == before
+
+
+def test_auto_streams_when_the_model_does_not_fit(folders, tmp_path, monkeypatch):
+    src = folders("llama")
+    kw = dict(model=str(src), params=0.3, calib="builtin", calib_samples=2, seq_len=16, quiet=True)
+    full = lopper.api.memory_estimate(lopper.api.PruneArgs(out="x", **kw), str(src),
+                                      transformers.AutoConfig.from_pretrained(src))["peak_bytes"]
+    monkeypatch.setattr(memory, "available", lambda device: full - 1)  # the in-memory estimate no longer fits
+    report = lopper.prune(out=str(tmp_path / "o"), **kw)
+    assert report["memory"]["estimate"]["streamed"]
+    assert report["memory"]["estimate"]["peak_bytes"] < full
+    with pytest.raises(LopperError, match="--stream on"):  # told how to fit instead of streaming
+        lopper.prune(model=str(src), out=str(tmp_path / "p"), params=0.3, stream="off", quiet=True)
+    with pytest.raises(LopperError, match=r"--stream on \(not with --width-metric fisher"):
+        lopper.prune(model=str(src), out=str(tmp_path / "p"), params=0.3, width_metric="fisher", quiet=True)
+
+
+@pytest.mark.parametrize("option,named", [(dict(width_metric="fisher"), "--width-metric fisher"),
+                                          (dict(layer_metric="sleb"), "--layer-metric sleb"),
+                                          (dict(params_search="loss"), "--params-search loss"),
+                                          (dict(calib="self"), "--calib self"),
+                                          (dict(sparsity=0.5), "--sparsity"),
+                                          (dict(eval_text="x.txt"), "--eval-text")])
+def test_refuses_what_does_not_stream(option, named, folders, tmp_path):
+    with pytest.raises(LopperError, match=f"--stream on cannot stream {named}"):
+        lopper.prune(model=str(folders("llama")), out=str(tmp_path / "o"), stream="on", params=0.3, quiet=True,
+                     **option)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("family", [f.name for f in REGISTRY.values() if f.moe])
+def test_converted_checkpoints_are_refused_by_name(family, folders, tmp_path):
+    with pytest.raises(LopperError, match="uses a layout that transformers converts at load.*--stream off"):
+        lopper.prune(model=str(folders(family)), out=str(tmp_path / "o"), stream="on", drop_layers=1,
+                     calib="builtin", quiet=True)
+    assert not (tmp_path / "o").exists()
+
+
+def test_plan_streams_too(folders, tmp_path):
+    src = folders("qwen2")
+    common = dict(model=str(src), params=0.3, calib="builtin", calib_samples=4, seq_len=32, quiet=True)
+    a = lopper.plan(out=str(tmp_path / "a.json"), stream="off", **common)
+    b = lopper.plan(out=str(tmp_path / "b.json"), stream="on", **common)
+    assert (a.layers, a.per_layer, a.hidden) == (b.layers, b.per_layer, b.hidden)
