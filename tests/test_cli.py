@@ -153,4 +153,5 @@ def test_help_shows_the_option_groups(capsys):
         build_parser().parse_args(["prune", "-h"])
     out = capsys.readouterr().out
     titles = [line.split(":")[0] for line in out.splitlines() if line and not line.startswith(" ") and line.endswith(":")]
-    assert titles[:8] == ["options", "Model", "What to remove", "Speed target", "Scoring", "Repair", "Sparsity", "Run"]
+    assert titles[:9] == ["options", "Model", "What to remove", "Speed target", "Scoring", "Repair", "Sparsity", "Memory",
+                          "Run"]

@@ -9,7 +9,7 @@ import torch
 import transformers
 
 import lopper
-from lopper import layerwise, memory
+from lopper import layerwise, memory, stream
 from lopper.errors import LopperError
 from families import REGISTRY
 from tiny import make_model, tiny_model, tiny_moe, tiny_tokenizer, tree_digest
@@ -154,3 +154,15 @@ def test_plan_streams_too(folders, tmp_path):
     a = lopper.plan(out=str(tmp_path / "a.json"), stream="off", **common)
     b = lopper.plan(out=str(tmp_path / "b.json"), stream="on", **common)
     assert (a.layers, a.per_layer, a.hidden) == (b.layers, b.per_layer, b.hidden)
+
+
+def test_untied_embedding_and_head_are_read_only_while_used(folders):
+    model, _, adapter = stream.load_streamed(str(folders("llama")), "cpu", "auto")
+    assert model.model.embed_tokens.weight.is_meta and model.lm_head.weight.is_meta
+    assert all(p.is_meta for layer in adapter.layers() for p in layer.parameters())
+    assert not model.model.norm.weight.is_meta
+    with layerwise.resident(model.lm_head):
+        assert not model.lm_head.weight.is_meta
+    assert model.lm_head.weight.is_meta
+    tied, _, _ = stream.load_streamed(str(folders("gpt2")), "cpu", "auto")  # a tied head stays with its embedding
+    assert not tied.transformer.wte.weight.is_meta and tied.lm_head.weight is tied.transformer.wte.weight

@@ -175,15 +175,21 @@ class RunOptions(Options):
                            "float16", choices=("auto", *DTYPES))
     config: str = arg_field("", "recipe: a YAML or JSON file of these options (a lopper_report.json replays its run); "
                             "flags override it")
-    stream: str = arg_field("auto", "read one decoder layer at a time from the checkpoint, so that memory does not "
-                            "grow with depth: on, off, or auto (on when the in-memory estimate does not fit)",
-                            choices=("auto", "on", "off"))
     quiet: bool = arg_field(False, "no progress bars or logs")
 
 
 @dataclass(kw_only=True)
+class StreamOptions(Options):
+    """Memory"""
+
+    stream: str = arg_field("auto", "read one decoder layer at a time from the checkpoint, so that memory does not "
+                            "grow with depth: on, off, or auto (on when the in-memory estimate does not fit)",
+                            choices=("auto", "on", "off"))
+
+
+@dataclass(kw_only=True)
 class Selection(ModelOptions, RemoveOptions, SpeedOptions, ScoringOptions, RepairOptions, SparsityOptions,
-                RunOptions):
+                StreamOptions, RunOptions):
     """What to remove and how to choose it; shared by `plan` and `prune`."""
 
     def target(self) -> Target:
@@ -252,18 +258,12 @@ class PruneArgs(Selection, OutputOptions, EvalTextOptions):
 
 
 @dataclass(kw_only=True)
-class EvalArgs(Options):
-    """Model and evaluation"""
+class EvalOptions(Options):
+    """Evaluation: perplexity and zero-shot tasks"""
 
-    model: str = arg_field("", "model folder (standard or saved by lopper) or .gguf file", positional=True)
-    gguf_file: str = arg_field("", "read this .gguf file inside the MODEL folder (dequantized)")
     text: str = arg_field("", "text file for perplexity (causal LMs)")
     seq_len: int = arg_field(512, "tokens per non-overlapping window")
     max_tokens: int = arg_field(0, "cap on tokens read (0: all)")
-    device: str = arg_field("cpu", "cpu or cuda")
-    dtype: str = arg_field("auto", "compute dtype", choices=("auto", *DTYPES))
-    json: str = arg_field("", "also write the results to this JSON file")
-    quiet: bool = arg_field(False, "no progress bars")
     tasks: str = arg_field("", "zero-shot tasks through lm-evaluation-harness, comma separated: lambada "
                            "(lambada_openai), hellaswag, piqa, arc_easy, arc_challenge or any lm-eval task name "
                            "(needs lopper[eval])")
@@ -271,15 +271,18 @@ class EvalArgs(Options):
     task_data: str = arg_field("", "with --tasks: read the data from this local folder (layout: docs/zeroshot.md) "
                                "instead of the Hugging Face hub")
     batch: int = arg_field(8, "with --tasks: batch size of the log-likelihood requests")
-    config: str = arg_field("", "recipe: a YAML or JSON file of these options; flags override it")
+    json: str = arg_field("", "also write the results to this JSON file")
 
     def check_group(self) -> None:
-        if not self.model:
-            raise LopperError("no model given: pass a model folder")
         if (self.limit or self.task_data) and not self.tasks:
             raise LopperError("--limit and --task-data apply to zero-shot tasks: add --tasks, e.g. --tasks lambada,piqa")
         if self.seq_len < 2:
             raise LopperError(f"--seq-len {self.seq_len} is too small: use at least 2")
+
+
+@dataclass(kw_only=True)
+class EvalArgs(ModelOptions, EvalOptions, RunOptions):
+    """Arguments of `lopper eval` (MODEL: also a folder saved by lopper, standard or not)."""
 
 
 def resolve_repair(args: Selection, tokenizer) -> Selection:

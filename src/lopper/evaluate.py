@@ -1,17 +1,16 @@
 """What a pruned model is measured by: perplexity, parameter counts, size on disk."""
 from __future__ import annotations
 
-import copy
 import math
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import Adapter
 from .errors import LopperError
+from .io import empty_model
 from .plan import Plan
 from .text import read_text, token_stream
 
@@ -31,9 +30,7 @@ def planned_params(model: nn.Module, adapter_cls: type[Adapter], plan: Plan) -> 
     if getattr(model.config, "lopper_layout", None):
         raise LopperError("this model was saved with a lopper layout (its config keeps the original widths), which "
                           "cannot be pruned again yet: prune the original model with the combined cut instead")
-    with init_empty_weights():
-        shell = type(model)._from_config(copy.deepcopy(model.config))
-    shell.tie_weights()  # not done on meta tensors by _from_config: tied embeddings would count twice
+    shell = empty_model(type(model), model.config)
     shell_adapter = adapter_cls(shell)
     with silenced():
         apply(shell, shell_adapter, plan)

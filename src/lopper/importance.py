@@ -189,7 +189,8 @@ def width_scores(adapter: Adapter, stats: Stats | None, metric: str) -> WidthSco
                 held.enter_context(resident(layers[i]))
                 current = i
                 score_layer(i)
-            unit_scores([part], len(hidden), stats, hidden_metric, total=hidden)
+            with resident(part.module):  # an untied embedding or head of a streamed model; else nothing to do
+                unit_scores([part], len(hidden), stats, hidden_metric, total=hidden)
     for i in range(len(layers)):
         if i not in heads:
             with resident(layers[i]):

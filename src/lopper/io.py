@@ -155,6 +155,17 @@ def model_class(config) -> type:
     return transformers.AutoModel if adapter_class(config.model_type).is_encoder else transformers.AutoModelForCausalLM
 
 
+def empty_model(cls, config, dtype: torch.dtype | None = None):
+    """A model of class `cls` (a model class or an Auto class) with its parameters on the meta device and tied
+    embeddings tied (which `_from_config` does not do on meta tensors): shapes and counts without memory. The
+    config is copied, so surgery on the shell leaves the caller's config alone."""
+    with init_empty_weights():
+        make = getattr(cls, "_from_config", None) or cls.from_config
+        shell = make(copy.deepcopy(config), **({"dtype": dtype} if dtype is not None else {}))
+    shell.tie_weights()
+    return shell
+
+
 def load_model(source: str, device: str = "cpu", dtype: str = "auto"):
     """Returns (model, tokenizer or None, adapter). A folder saved by lopper with a non-standard layout is rebuilt
     from its plan. Refuses folders with missing or unreadable weights instead of filling them randomly."""
@@ -193,8 +204,7 @@ def _load_replayed(source: str, config, dtype: torch.dtype):
     folder = Path(source)
     plan = Plan.load(folder / PLAN_FILE)
     del config.lopper_layout
-    with init_empty_weights():
-        model = model_class(config)._from_config(config, dtype=dtype)
+    model = empty_model(model_class(config), config, dtype)
     adapter = adapter_class(config.model_type)(model)
     apply(model, adapter, plan)
     state = {}

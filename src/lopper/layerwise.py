@@ -12,7 +12,7 @@ llm-compressor; accelerate's `set_module_tensor_to_device` moves the tensors).
 from __future__ import annotations
 
 import weakref
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Callable
 
 import torch
@@ -34,8 +34,8 @@ _STUBBED: weakref.WeakSet = weakref.WeakSet()  # layers whose forward is stubbed
 
 
 def stream_layer(layer: nn.Module, read: Callable[[], dict[str, torch.Tensor]]) -> None:
-    """Make `layer` streamed: its parameters go to the meta device and come back from `read()` while it is
-    resident (a `resident` block, or any call of the layer)."""
+    """Make `layer` (a decoder layer, or an untied embedding or head) streamed: its parameters go to the meta device
+    and come back from `read()` while it is resident (a `resident` block, or any call of the module)."""
     shapes = {name: torch.empty_like(p, device="meta") for name, p in layer.named_parameters()}
     _SOURCES[layer] = (read, shapes)
     release(layer)
@@ -45,6 +45,20 @@ def stream_layer(layer: nn.Module, read: Callable[[], dict[str, torch.Tensor]]) 
 
 def is_streamed(layer: nn.Module) -> bool:
     return layer in _SOURCES
+
+
+def streamed_outside(model: nn.Module, adapter: Adapter) -> list[nn.Module]:
+    """The model's streamed modules that are not decoder layers (an untied embedding and head)."""
+    inside = {id(m) for layer in adapter.layers() for m in layer.modules()}
+    return [m for m in model.modules() if m in _SOURCES and id(m) not in inside]
+
+
+def pin(module: nn.Module) -> None:
+    """Resident for good: read once, never released (the source is dropped), so changes made to it stay."""
+    if module in _SOURCES:
+        for name, t in _SOURCES[module][0]().items():
+            set_module_tensor_to_device(module, name, t.device, value=t)
+        retire(module)
 
 
 def retire(layer: nn.Module) -> None:
@@ -131,7 +145,9 @@ def capture_layer_inputs(model: nn.Module, adapter: Adapter, batches: list[torch
         return (x,) if _TUPLE_OUT.get(type(layers[i]), False) else x
 
     device = _device(model)
-    with _stubbed(layers, record):
+    with _stubbed(layers, record), ExitStack() as held:
+        for m in streamed_outside(model, adapter):
+            held.enter_context(resident(m))
         for ids in batches:
             calls.clear()
             try:
@@ -150,6 +166,14 @@ def run_tail(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], fi
     `finals` [1, L, hidden] leaving the last layer, one per window; for the hooks registered on those modules."""
     layers = list(adapter.layers())
     device = _device(model)
+    held = ExitStack()
+    for m in streamed_outside(model, adapter):
+        held.enter_context(resident(m))
+    with held:
+        _tail(model, adapter, layers, device, batches, finals)
+
+
+def _tail(model, adapter, layers, device, batches, finals):
     for ids, y in zip(batches, finals):
         def give(i, *args, **kw):
             x = y if i == 0 else (args[0] if args else kw["hidden_states"])

@@ -17,14 +17,13 @@ the issue's 0.72B random Llama (hidden 2560, 8 layers, bf16 checkpoint of 1.44 G
 bound: the point is to refuse a run that cannot fit before it loads anything, and to say what to change."""
 from __future__ import annotations
 
-import copy
 import resource
 import sys
 
 import torch
-from accelerate import init_empty_weights
 
 from .errors import LopperError
+from .io import empty_model
 
 GB = 10 ** 9
 RUNTIME_CPU = GB // 2
@@ -32,10 +31,7 @@ RUNTIME_CPU = GB // 2
 
 def model_shape(config, model_cls) -> dict:
     """Parameters (tied once) and the widths the phases depend on, from an empty (meta-device) model."""
-    with init_empty_weights():
-        make = getattr(model_cls, "_from_config", None) or model_cls.from_config  # a model class, or an Auto class
-        shell = make(copy.deepcopy(config))
-    shell.tie_weights()
+    shell = empty_model(model_cls, config)
     params = sum({id(p): p.numel() for p in shell.parameters()}.values())
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None) or getattr(text, "d_model", 0)
@@ -48,22 +44,25 @@ def model_shape(config, model_cls) -> dict:
     layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", 1)
     stack = [m for m in shell.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == layers]
     layer_params = max((sum(p.numel() for p in m.parameters()) for m in stack[0]), default=0) if stack else 0
+    vocab = getattr(text, "vocab_size", 0)
+    untied = not getattr(config, "tie_word_embeddings", True) and hasattr(shell, "lm_head")
     return {"params": params, "hidden": hidden, "mlp": mlp, "attention": heads * head_dim, "layers": layers,
-            "vocab": getattr(text, "vocab_size", 0), "layer_params": layer_params}
+            "vocab": vocab, "layer_params": layer_params, "untied_ends": 2 * vocab * hidden if untied else 0}
 
 
 def estimate_prune(shape: dict, *, dtype: torch.dtype, device: str, checkpoint_bytes: int, samples: int,
                    seq_len: int, repair: bool, correct: float, sparsegpt: bool, search: bool, all_pairs: bool = False,
                    streamed: bool = False) -> dict:
-    """Bytes per part and the estimated peak (`peak_bytes`) of `lopper prune`, in memory or streamed (then the
-    weights are those outside the layers plus two layers, and loading reads one layer at a time)."""
+    """Bytes per part and the estimated peak (`peak_bytes`) of `lopper prune`, in memory or streamed. Streamed, the
+    weights held are those outside the layers and an untied embedding and head, plus whichever is larger of two
+    layers and that embedding and head (each read only while used); loading reads one layer at a time."""
     size = dtype.itemsize
     h, n, L = shape["hidden"], samples, seq_len
     weights = shape["params"] * size
     loading = checkpoint_bytes if device == "cpu" else 0
     if streamed:
-        layer = shape["layer_params"]
-        weights = (shape["params"] - shape["layers"] * layer + 2 * layer) * size
+        layer, ends = shape["layer_params"], shape.get("untied_ends", 0)
+        weights = (shape["params"] - shape["layers"] * layer - ends + max(2 * layer, ends)) * size
         loading = layer * checkpoint_bytes // max(shape["params"], 1) if device == "cpu" else 0
     phases = {
         "loading": loading,

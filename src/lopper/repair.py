@@ -183,8 +183,7 @@ def obs_keep(gram: torch.Tensor, weight: torch.Tensor, cross: torch.Tensor | Non
     rhs = h @ weight.double().T
     if cross is not None:
         rhs += cross.double()
-    hinv = torch.linalg.inv(_damped(h, damp))
-    del h
+    hinv = _inverse(_damped(h, damp), lambda: _damped(gram.to(torch.float64, copy=True), damp))
     w = (hinv @ rhs).T  # [out, in (+1)]
     cols = cols.to(hinv.device)
     alive = torch.zeros(hinv.shape[0], dtype=torch.bool, device=hinv.device)
@@ -230,6 +229,16 @@ def _with_bias(w: nn.Module) -> torch.Tensor:
     [out, in + 1] where the module has one (the Gram matrices then carry the 1 column)."""
     weight = (w.weight.T if out_dim(w) == 1 else w.weight).float()
     return weight if w.bias is None else torch.cat([weight, w.bias.float()[:, None]], 1)
+
+
+def _inverse(h: torch.Tensor, again) -> torch.Tensor:
+    """The inverse of a symmetric positive definite h, overwriting h (Cholesky, then its inverse in place: one
+    [n, n] float64 array less at the peak than torch.linalg.inv); if rounding made h indefinite, the general
+    inverse of `again()`, a fresh copy of h."""
+    _, info = torch.linalg.cholesky_ex(h, out=(h, torch.empty((), dtype=torch.int32, device=h.device)))
+    if info.item():
+        return torch.linalg.inv(again())
+    return torch.cholesky_inverse(h, out=h)
 
 
 def _damped(gram: torch.Tensor, damp: float) -> torch.Tensor:

@@ -27,15 +27,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .arch import adapter_class
 from .errors import LopperError
-from .io import is_gguf, load_tokenizer, model_class, read_config, resolve_dtype
-from .layerwise import release, resident, retire, stream_layer
+from .io import empty_model, is_gguf, load_tokenizer, model_class, read_config, resolve_dtype
+from .layerwise import pin, release, resident, retire, stream_layer, streamed_outside
 from .plan import Plan
 from .surgery import apply, cut_layer, removed_cuts
 
@@ -88,10 +87,7 @@ def load_streamed(source: str, device: str, dtype_name: str):
     if getattr(config, "lopper_layout", None):
         raise LopperError(f"{source} was saved with a lopper layout, which cannot be pruned again yet")
     dtype = resolve_dtype(dtype_name, device)
-    with init_empty_weights():
-        cls = model_class(config)
-        model = (getattr(cls, "_from_config", None) or cls.from_config)(config, dtype=dtype)
-    model.tie_weights()  # not done on meta tensors by _from_config
+    model = empty_model(model_class(config), config, dtype)
     adapter = adapter_class(config.model_type)(model)
     ckpt = Checkpoint(source)
     names = [n for n, _ in model.named_parameters()]  # tied parameters once
@@ -101,18 +97,30 @@ def load_streamed(source: str, device: str, dtype_name: str):
                           f"{other[0]} ({len(other)} such: its checkpoint uses a layout that transformers converts "
                           "at load, e.g. per-expert tensors): prune it with --stream off")
     prefix = layers_prefix(model, adapter) + "."
-    outside = {n: n for n in names if not n.startswith(prefix)}
-    for name, t in ckpt.read(outside, dtype, device).items():
+    lazy = {name + ".": m for name, m in model.named_modules() if m in untied_ends(adapter)}
+    lazy.update({f"{prefix}{i}.": layer for i, layer in enumerate(adapter.layers())})
+    now = {n: n for n in names if not any(n.startswith(k) for k in lazy)}  # final norm, small embeddings
+    for name, t in ckpt.read(now, dtype, device).items():
         set_module_tensor_to_device(model, name, device, value=t)
     for name, _ in model.named_buffers():
         set_module_tensor_to_device(model, name, device)
-    model.tie_weights()
-    for i, layer in enumerate(adapter.layers()):
-        own = f"{prefix}{i}."
+    model.tie_weights()  # a tied head shares the embedding just read
+    for own, module in lazy.items():
         keys = {n[len(own):]: n for n in names if n.startswith(own)}
-        stream_layer(layer, lambda keys=keys: ckpt.read(keys, dtype, device))
+        stream_layer(module, lambda keys=keys: ckpt.read(keys, dtype, device))
     model.eval()
     return model, load_tokenizer(source), adapter
+
+
+def untied_ends(adapter) -> list:
+    """The embeddings and head that share no parameter with another module: read only while used (a 32K x 4096
+    embedding and head are 1 GB in float32). Tied ones stay in memory (re-tying after every read is not worth it)."""
+    ends = [*adapter.embeddings(), *([adapter.lm_head()] if adapter.lm_head() is not None else [])]
+    owners: dict[int, int] = {}
+    for m in adapter.model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return [m for m in ends if all(owners[id(p)] == 1 for p in m.parameters())]
 
 
 class Shards:
@@ -142,6 +150,10 @@ def cut_and_write(model, adapter, plan: Plan, folder: Path, dtype: torch.dtype |
     layers, prefix = list(adapter.layers()), layers_prefix(model, adapter)
     hidden_ratio = adapter.hidden_size() / len(plan.hidden)
     shards = Shards(folder, len(plan.layers) + 1, dtype)
+    ends = streamed_outside(model, adapter)
+    if hidden_ratio != 1:  # the repair zeroes their removed hidden channels in place: keep them
+        for m in ends:
+            pin(m)
     done: set[int] = set()
 
     def write(i: int) -> None:
@@ -159,6 +171,8 @@ def cut_and_write(model, adapter, plan: Plan, folder: Path, dtype: torch.dtype |
         if i not in done:
             with resident(layers[i]):
                 write(i)
+    for m in ends:
+        pin(m)
     standard = apply(model, adapter, plan)  # the layers are meta now: shapes and config; the rest is cut for real
     inside = prefix + "."
     rest, seen = {}, set()
