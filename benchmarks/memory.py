@@ -79,6 +79,25 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list[dict]) -> str:
+    """The issue's two targets, where the rows have them: the 32-layer streamed peak over its checkpoint, and the
+    growth of the streamed peak from 8 to 32 layers."""
+    on = {r["layers"]: r for r in rows if r["mode"] == "on"}
+    off = {r["layers"]: r for r in rows if r["mode"] == "off"}
+    lines = []
+    if 32 in on:
+        r = on[32]
+        lines.append(f"- 32 layers, streamed: peak {r['peak_rss_bytes'] / 1e9:.2f} GB = "
+                     f"{r['peak_rss_bytes'] / r['checkpoint_bytes']:.2f}x the bf16 checkpoint (target: at most 0.5x).")
+    if 8 in on and 32 in on:
+        growth = on[32]["peak_rss_bytes"] / on[8]["peak_rss_bytes"] - 1
+        lines.append(f"- Streamed peak from 8 to 32 layers: {growth:+.1%} (target: under 15%).")
+    for n in sorted(set(on) & set(off)):
+        lines.append(f"- {n} layers: streamed peak {on[n]['peak_rss_bytes'] / off[n]['peak_rss_bytes']:.2f}x the "
+                     f"in-memory one, wall time {on[n]['seconds'] / off[n]['seconds']:.2f}x.")
+    return "\n".join(lines)
+
+
 def write(rows: list[dict], out: Path, argv: list[str]) -> None:
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch " \
@@ -87,7 +106,7 @@ def write(rows: list[dict], out: Path, argv: list[str]) -> None:
                    f"Command: `python benchmarks/memory.py {shlex.join(argv)}` on {machine}. Each run: "
                    f"`lopper prune MODEL {shlex.join(FLAGS)} --stream on|off`, measured with `/usr/bin/time -v`. "
                    f"Random-weight Llama shapes (hidden 2560, MLP 6912, 32/8 heads, vocabulary 32000), saved in "
-                   f"bfloat16; computed in float32 on the CPU.\n\n{table(rows)}\n")
+                   f"bfloat16; computed in float32 on the CPU.\n\n{table(rows)}\n\n{summary(rows)}\n")
 
 
 def main() -> None:

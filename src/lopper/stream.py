@@ -82,8 +82,7 @@ def load_streamed(source: str, device: str, dtype_name: str):
     layers are read now."""
     config = read_config(source)
     if is_gguf(source):
-        raise LopperError(f"--stream reads safetensors, and {source} is a GGUF file: prune it without --stream, or "
-                          "convert it first (lopper eval cannot write it; `lopper prune` with nothing removed can)")
+        raise LopperError(f"--stream reads safetensors, and {source} is a GGUF file: prune it with --stream off")
     if getattr(config, "lopper_layout", None):
         raise LopperError(f"{source} was saved with a lopper layout, which cannot be pruned again yet")
     dtype = resolve_dtype(dtype_name, device)
@@ -97,7 +96,8 @@ def load_streamed(source: str, device: str, dtype_name: str):
                           f"{other[0]} ({len(other)} such: its checkpoint uses a layout that transformers converts "
                           "at load, e.g. per-expert tensors): prune it with --stream off")
     prefix = layers_prefix(model, adapter) + "."
-    lazy = {name + ".": m for name, m in model.named_modules() if m in untied_ends(adapter)}
+    ends = untied_ends(adapter)
+    lazy = {name + ".": m for name, m in model.named_modules() if any(m is e for e in ends)}
     lazy.update({f"{prefix}{i}.": layer for i, layer in enumerate(adapter.layers())})
     now = {n: n for n in names if not any(n.startswith(k) for k in lazy)}  # final norm, small embeddings
     for name, t in ckpt.read(now, dtype, device).items():
