@@ -150,14 +150,22 @@ def _fit(layer, writers, cuts, xs, step, damp, gaps=None, alpha=0.0, choose=None
             a = seen[w][0].reshape(-1, seen[w][0].shape[-1]).float()
             if w.bias is not None:
                 a = torch.cat([a, torch.ones_like(a[:, :1])], 1)
-            grams[w] = grams.get(w, 0) + a.T @ a
+            _accumulate(grams, w, a.T @ a)
             if gaps and w in gaps:
                 e = gaps[w](b, x, y, seen)
-                cross[w] = cross.get(w, 0) + alpha * (a.T @ e.reshape(-1, e.shape[-1]).float())
+                _accumulate(cross, w, alpha * (a.T @ e.reshape(-1, e.shape[-1]).float()))
     if choose is not None:
         choose(grams, cross)
     for w in writers:
         _refit(w, grams[w], cuts.get((w, in_dim(w))), damp, cross.get(w))
+
+
+def _accumulate(sums: dict, key, value: torch.Tensor) -> None:
+    """sums[key] += value in place: a Gram matrix [I, I] is never held three times (old sum, product, new sum)."""
+    if key in sums:
+        sums[key] += value
+    else:
+        sums[key] = value
 
 
 def _reselect_mlp(adapter: Adapter, plan: Plan, i: int, cuts: dict, grams: dict, cross: dict, damp: float) -> None:
@@ -185,6 +193,7 @@ def obs_keep(gram: torch.Tensor, weight: torch.Tensor, cross: torch.Tensor | Non
         rhs += cross.double()
     hinv = _inverse(_damped(h, damp), lambda: _damped(gram.to(torch.float64, copy=True), damp))
     w = (hinv @ rhs).T  # [out, in (+1)]
+    del rhs
     cols = cols.to(hinv.device)
     alive = torch.zeros(hinv.shape[0], dtype=torch.bool, device=hinv.device)
     alive[cols] = True
@@ -212,11 +221,14 @@ def _refit(w: nn.Linear, gram: torch.Tensor, gone: torch.Tensor | None, damp: fl
     if gone is not None:
         keep[gone.to(gram.device)] = False
     full = _with_bias(w)
-    rhs = gram[keep] @ full.T  # [kept, out] = X_k^T X W^T
+    rows = gram[keep]
+    rhs = rows @ full.T  # [kept, out] = X_k^T X W^T
     if cross is not None:
         rhs = rhs + cross[keep]
-    g = _damped(gram[keep][:, keep].double(), damp)
+    g = _damped(rows[:, keep].double(), damp)
+    del rows
     solved = torch.linalg.solve(g, rhs.double()).T.float()  # [out, kept]; float64: small damping
+    del g
     new = torch.zeros_like(full)
     new[:, keep] = solved
     weight.copy_(new[:, :n_in].to(weight.dtype))
