@@ -137,17 +137,35 @@ def unit_scores(parts: list[Part], n_units: int, stats: Stats | None, metric: st
                 norm_sq = p.module.weight.detach().float().pow(2).sum(1 - p.dim).cpu()
                 total += (var * norm_sq)[p.offset:p.offset + n_units * p.block].view(n_units, p.block).sum(1)
             continue
-        w = p.module.weight.detach().float().abs()
         if isinstance(p.module, LINEAR):
+            norm = None
             if metric == "activation":
                 if id(p.module) not in stats.input_sq:
                     continue  # never ran on calibration text (e.g. a pooler the base model skips)
-                norm = stats.input_sq[id(p.module)].to(w.device).sqrt()
-                w = w * (norm[None, :] if in_dim(p.module) == 1 else norm[:, None])
-        elif metric == "activation" or not isinstance(p.module, (nn.Embedding, ExpertTensor)):
+                norm = stats.input_sq[id(p.module)].sqrt()
+            total += p.per_unit(channel_sums(p.module, p.dim, norm), n_units).cpu()
+            continue
+        if metric == "activation" or not isinstance(p.module, (nn.Embedding, ExpertTensor)):
             continue  # norms carry no weight of their own to rank by; embeddings and experts' tensors see no inputs
-        total += p.per_unit(w, n_units).cpu()
+        total += p.per_unit(p.module.weight.detach().float().abs(), n_units).cpu()
     return total
+
+
+ROWS = 4096  # rows of a weight scored at once: a 128K-vocabulary head is never copied whole in float32
+
+
+def channel_sums(module: nn.Module, dim: int, norm: torch.Tensor | None) -> torch.Tensor:
+    """Sum of |W_ij| (x ||X_j|| with `norm`, per input channel j) along every dim other than `dim` of a Linear's or
+    Conv1D's weight: [weight.shape[dim]], in float32, computed over blocks of ROWS rows."""
+    weight = module.weight.detach()
+    norm = None if norm is None else norm.to(weight.device)
+    parts = []
+    for start in range(0, weight.shape[0], ROWS):
+        w = weight[start:start + ROWS].float().abs()
+        if norm is not None:
+            w = w * (norm[None, :] if in_dim(module) == 1 else norm[start:start + ROWS, None])
+        parts.append(w.sum(1) if dim == 0 else w.sum(0))
+    return torch.cat(parts) if dim == 0 else torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
 
 
 @dataclass
