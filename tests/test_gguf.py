@@ -192,3 +192,10 @@ def test_errors_name_the_problem(files, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(io, "is_gguf_available", lambda: False)
     with pytest.raises(LopperError, match=r'pip install "lopper\[gguf\]"'):
         lopper.load(str(path))
+
+
+def test_stream_on_refuses_a_gguf_by_name(files, tmp_path):
+    path, _ = files[T.F32]
+    with pytest.raises(LopperError, match=r"--stream on reads safetensors.*GGUF file: use --stream off"):
+        lopper.prune(model=str(path), out=str(tmp_path / "o"), mlp=0.5, stream="on", quiet=True)
+    assert not (tmp_path / "o").exists()
