@@ -75,6 +75,28 @@ def release(layer: nn.Module) -> None:
             owner, _, attr = name.rpartition(".")
             module = layer.get_submodule(owner)
             module._parameters[attr] = nn.Parameter(meta, requires_grad=module._parameters[attr].requires_grad)
+        _trim()
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim). Without it the many medium-sized arrays of each
+    layer's repair leave the heap larger after every layer, and a streamed run's resident memory grew with depth
+    (8-layer run: 0.63 -> 0.75 GB between layers, against a flat 0.52 GB with it)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _libc():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, Windows, musl)
+        return None
+
+
+_LIBC = _libc()
 
 
 @contextmanager
