@@ -56,8 +56,7 @@ def streamed_outside(model: nn.Module, adapter: Adapter) -> list[nn.Module]:
 def pin(module: nn.Module) -> None:
     """Resident for good: read once, never released (the source is dropped), so changes made to it stay."""
     if module in _SOURCES:
-        for name, t in _SOURCES[module][0]().items():
-            set_module_tensor_to_device(module, name, t.device, value=t)
+        _load(module)
         retire(module)
 
 
@@ -114,9 +113,13 @@ def _enter(layer: nn.Module) -> None:
         return
     depth = _DEPTH.get(layer, 0)
     if depth == 0:
-        for name, t in _SOURCES[layer][0]().items():
-            set_module_tensor_to_device(layer, name, t.device, value=t)
+        _load(layer)
     _DEPTH[layer] = depth + 1
+
+
+def _load(module: nn.Module) -> None:
+    for name, t in _SOURCES[module][0]().items():
+        set_module_tensor_to_device(module, name, t.device, value=t)
 
 
 def _leave(layer: nn.Module) -> None:
@@ -150,6 +153,20 @@ def _device(model: nn.Module) -> torch.device:
     return next(p.device for p in model.parameters() if not p.is_meta)
 
 
+def _outside_resident(model: nn.Module, adapter: Adapter) -> ExitStack:
+    """A block holding the streamed embedding and head in memory (an empty one for a resident model)."""
+    held = ExitStack()
+    for m in streamed_outside(model, adapter):
+        held.enter_context(resident(m))
+    return held
+
+
+def run_model(model: nn.Module, adapter: Adapter, ids: torch.Tensor):
+    """The model's forward on token ids [B, L], without a KV cache for decoders (encoders take no use_cache)."""
+    ids = ids.to(_device(model))
+    return model(input_ids=ids) if adapter.is_encoder else model(input_ids=ids, use_cache=False)
+
+
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor]):
     """Per window: the hidden states entering layer 0 and the (args, kwargs) every layer is called with (masks,
@@ -161,20 +178,16 @@ def capture_layer_inputs(model: nn.Module, adapter: Adapter, batches: list[torch
 
     def record(i, *args, **kw):
         x = args[0] if args else kw.pop("hidden_states")
-        calls.append({"x": x, "args": args[1:], "kw": {k: v for k, v in kw.items() if k != "hidden_states"}})
+        calls.append({"x": x, "args": args[1:], "kw": kw})
         if i == len(layers) - 1:
             raise _Stop
         return (x,) if _TUPLE_OUT.get(type(layers[i]), False) else x
 
-    device = _device(model)
-    with _stubbed(layers, record), ExitStack() as held:
-        for m in streamed_outside(model, adapter):
-            held.enter_context(resident(m))
+    with _stubbed(layers, record), _outside_resident(model, adapter):
         for ids in batches:
             calls.clear()
             try:
-                model(input_ids=ids.to(device), use_cache=False) if not adapter.is_encoder else model(
-                    input_ids=ids.to(device))
+                run_model(model, adapter, ids)
             except _Stop:
                 pass
             hidden.append(calls[0]["x"])
@@ -187,23 +200,14 @@ def run_tail(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], fi
     """Run what follows the layers (final norm, head, pooler) as the model's forward would on the hidden states
     `finals` [1, L, hidden] leaving the last layer, one per window; for the hooks registered on those modules."""
     layers = list(adapter.layers())
-    device = _device(model)
-    held = ExitStack()
-    for m in streamed_outside(model, adapter):
-        held.enter_context(resident(m))
-    with held:
-        _tail(model, adapter, layers, device, batches, finals)
+    with _outside_resident(model, adapter):
+        for ids, y in zip(batches, finals):
+            def give(i, *args, y=y, **kw):
+                x = y if i == 0 else (args[0] if args else kw["hidden_states"])
+                return (x,) if _TUPLE_OUT.get(type(layers[i]), False) else x
 
-
-def _tail(model, adapter, layers, device, batches, finals):
-    for ids, y in zip(batches, finals):
-        def give(i, *args, **kw):
-            x = y if i == 0 else (args[0] if args else kw["hidden_states"])
-            return (x,) if _TUPLE_OUT.get(type(layers[i]), False) else x
-
-        with _stubbed(layers, give):
-            model(input_ids=ids.to(device), use_cache=False) if not adapter.is_encoder else model(
-                input_ids=ids.to(device))
+            with _stubbed(layers, give):
+                run_model(model, adapter, ids)
 
 
 def call_layer(layer, x, call):

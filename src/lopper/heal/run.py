@@ -418,7 +418,8 @@ def _heal_section(run: Run, final: nn.Module) -> dict:
         "lopper_version": __version__, "student": args.model, "teacher": args.teacher if run.teacher is not None
         else None, "loss": _loss_name(args, run.encoder), "lora_rank": args.lora or None,
         "trainable_params": run.trainable, **count_params(final, run.adapter), "processes": run.acc.num_processes,
-        "distributed": run.acc.distributed_type.value, "device": str(run.acc.device), "autocast": "bfloat16" if run.bf16 else None, "seq_len": run.seq_len,
+        "distributed": run.acc.distributed_type.value, "device": str(run.acc.device),
+        "autocast": "bfloat16" if run.bf16 else None, "seq_len": run.seq_len,
         "global_batch": run.global_batch, "steps": run.steps, "tokens_trained": run.tokens_trained,
         "lr": args.peak_lr(), "warmup_steps": run.warmup,
         "loss_first": _mean([v for _, v in state.losses[:k]]),

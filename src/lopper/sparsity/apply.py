@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..arch import Adapter
 from ..errors import LopperError
-from ..layerwise import call_layer, capture_layer_inputs
+from ..layerwise import call_layer, capture_layer_inputs, run_model
 from .criteria import lowest, prune_mask, score, sparsegpt
 from .masks import MASKS_FILE, load_masks, pack_masks
 from .settings import Spec
@@ -164,13 +164,9 @@ def input_sq(model: nn.Module, adapter: Adapter, tg: list[Target], windows, quie
         sq[id(module)] = sq.get(id(module), 0) + x.pow(2).reshape(-1, x.shape[-1]).sum(0)
 
     hooks = [t.module.register_forward_pre_hook(hook) for t in tg]
-    device = next(model.parameters()).device
     try:
         for ids in tqdm(windows, desc="sparsity statistics", disable=quiet, leave=False):
-            if adapter.is_encoder:
-                model(input_ids=ids.to(device))
-            else:
-                model(input_ids=ids.to(device), use_cache=False)
+            run_model(model, adapter, ids)
     finally:
         for h in hooks:
             h.remove()
