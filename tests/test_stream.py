@@ -107,7 +107,7 @@ def test_at_most_two_layers_resident_and_source_untouched(folders, tmp_path, mon
     monkeypatch.setattr(layerwise, "_enter", counting_enter)
     monkeypatch.setattr(layerwise, "_leave", counting_leave)
     lopper.prune(model=str(src), out=str(tmp_path / "o"), stream="on", params=0.3, calib="builtin", calib_samples=2,
-                 seq_len=16, quiet=True)
+                 seq_len=16, quiet=True, sparsity=0.5, sparsity_criterion="sparsegpt")  # sparsity: a second pass
     assert 1 <= peak[0] <= 2
     assert tree_digest(src) == before
 
@@ -127,11 +127,31 @@ def test_auto_streams_when_the_model_does_not_fit(folders, tmp_path, monkeypatch
         lopper.prune(model=str(src), out=str(tmp_path / "p"), params=0.3, width_metric="fisher", quiet=True)
 
 
+SPARSE = {"wanda": dict(sparsity=0.5), "sparsegpt 2:4": dict(sparsity=0.5, sparsity_pattern="2:4",
+                                                                sparsity_criterion="sparsegpt"),
+          "magnitude": dict(sparsity=0.4, sparsity_criterion="magnitude", sparsity_scope="layer"),
+          "owl": dict(sparsity=0.5, sparsity_allocation="owl", sparsity_ignore="down_proj|c_proj$")}
+
+
+@pytest.mark.parametrize("family,sparse", [("llama", "wanda"), ("llama", "sparsegpt 2:4"), ("gpt2", "owl"),
+                                           ("qwen3", "magnitude"), ("llama", "owl")])
+def test_streamed_sparsity_equals_in_memory(family, sparse, folders, tmp_path):
+    """The second pass over the written layers zeroes the same weights as the in-memory prune, reports the same
+    counts and writes the same masks file; the cut is one with hidden channels and repair where the family has it."""
+    cut = CUTS["layernorm"] if REGISTRY[family].layernorm else dict(params=0.3)
+    (mem, a), (streamed, b) = both(folders(family), tmp_path, **cut, **SPARSE[sparse])
+    assert plan_of(a) == plan_of(b)
+    assert streamed["sparsity"] == mem["sparsity"] and mem["sparsity"]["zeroed"] > 0
+    assert (a / "lopper_masks.npz").read_bytes() == (b / "lopper_masks.npz").read_bytes()
+    ids = REGISTRY[family].inputs(2)
+    torch.testing.assert_close(outputs(b, ids), outputs(a, ids), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("option,named", [(dict(width_metric="fisher"), "--width-metric fisher"),
                                           (dict(layer_metric="sleb"), "--layer-metric sleb"),
                                           (dict(params_search="loss"), "--params-search loss"),
                                           (dict(calib="self"), "--calib self"),
-                                          (dict(sparsity=0.5), "--sparsity"),
+                                          (dict(sparsity=0.5, sparsity_scope="global"), "--sparsity-scope global"),
                                           (dict(eval_text="x.txt"), "--eval-text")])
 def test_refuses_what_does_not_stream(option, named, folders, tmp_path):
     with pytest.raises(LopperError, match=f"--stream on cannot stream {named}"):

@@ -221,7 +221,8 @@ class Selection(ModelOptions, RemoveOptions, SpeedOptions, ScoringOptions, Repai
                  bool(self.target_speedup) and "--target-speedup",
                  self.calib == SELF and "--calib self (sampling reads every layer once per token; give a file or "
                  "builtin)",
-                 spec.active and "--sparsity",
+                 spec.active and spec.scope == "global" and not spec.nm and "--sparsity-scope global (one "
+                 "threshold over every weight at once)",
                  bool(getattr(self, "eval_text", "")) and "--eval-text (run lopper eval on the output)"]
         return ", ".join(f for f in found if f)
 
@@ -454,9 +455,12 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
             fix = (lambda after: run_repair(args, model, adapter, p, windows, quiet=args.quiet, after=after)) \
                 if args.repair == "lsq" else None
             standard = stream.cut_and_write(model, adapter, p, tmp, saved_dtype, fix)
-            report = _report(args, source, standard, before, model, adapter, p, None, estimate, t0,
+            sparse = stream.sparsify_written(model, adapter, tmp, saved_dtype, lambda after: sp.for_prune(
+                args, p, model, adapter, windows, after=after))
+            report = _report(args, source, standard, before, model, adapter, p, sparse, estimate, t0,
                              time.time() - t_repair)
-            write_beside(tmp, source=source, tokenizer=tok, plan=p, report=report)
+            write_beside(tmp, source=source, tokenizer=tok, plan=p, report=report,
+                         files=sparse.files() if sparse else None)
         out = Path(args.out)
     else:
         if args.repair == "lsq":
@@ -506,7 +510,7 @@ def _report(args, source, standard, before, model, adapter, p, sparse, estimate,
         "plan": p.meta, "args": asdict(args),
     }
     if sparse:
-        report["sparsity"] = sparse.report(model, adapter)
+        report["sparsity"] = sparse.report()
     report["memory"] = {"estimate": estimate, "measured": memory.peak(args.device)}
     report["repair_seconds"] = round(t_repair, 2)
     report["seconds"] = round(time.time() - t0, 2)
@@ -578,7 +582,7 @@ def memory_estimate(args: Selection, source: str, config, streamed: bool = False
         samples=args.calib_samples, seq_len=args.seq_len, repair=args.repair != "none",
         correct=args.repair_correct, sparsegpt=spec.active and spec.criterion == "sparsegpt",
         search=args.params_search == "loss" and bool(args.params or args.target_speedup),
-        all_pairs=args.layer_metric == "angular", streamed=streamed)
+        all_pairs=args.layer_metric == "angular", streamed=streamed, sparse=spec.active)
 
 
 def _maybe_ppl(model, tok, args: PruneArgs):

@@ -9,7 +9,8 @@ The in-memory path holds the whole model at the compute dtype all along; on top 
 - repair (lsq): the calibration hidden states [N, L, hidden], four times with --repair-correct > 0 (the cut and
   the unpruned stream, and the two targets of _toward_teacher), and the widest writer's Gram matrix
   [I + 1, I + 1] in float32 with its float64 solve (20 bytes per entry);
-- sparsity (SparseGPT): one layer's Hessians, 4 bytes x (2 hidden^2 + attention width^2 + I^2);
+- sparsity: the keep masks, bit-packed (1 bit a weight of the layers), and with SparseGPT one layer's Hessians,
+  4 bytes x (2 hidden^2 + attention width^2 + I^2);
 - --params-search loss: a second copy of the model per candidate.
 The estimate is weights + the largest phase + the runtime (torch and Python, about 0.5 GB on CPU). Measured on
 the issue's 0.72B random Llama (hidden 2560, 8 layers, bf16 checkpoint of 1.44 GB, 8 x 256 calibration tokens,
@@ -52,7 +53,7 @@ def model_shape(config, model_cls) -> dict:
 
 def estimate_prune(shape: dict, *, dtype: torch.dtype, device: str, checkpoint_bytes: int, samples: int,
                    seq_len: int, repair: bool, correct: float, sparsegpt: bool, search: bool, all_pairs: bool = False,
-                   streamed: bool = False) -> dict:
+                   streamed: bool = False, sparse: bool = False) -> dict:
     """Bytes per part and the estimated peak (`peak_bytes`) of `lopper prune`, in memory or streamed. Streamed, the
     weights held are those outside the layers and an untied embedding and head, plus whichever is larger of two
     layers and that embedding and head (each read only while used); loading reads one layer at a time."""
@@ -69,7 +70,8 @@ def estimate_prune(shape: dict, *, dtype: torch.dtype, device: str, checkpoint_b
         "calibration": 2 * n * L * h * size + 2 * L * h * 4 + 2 * L * shape["vocab"] * 4
         + ((shape["layers"] + 1) * n * L * h * 4 if all_pairs else 0),
         "repair": ((4 if correct > 0 else 1) * n * L * h * size + (shape["mlp"] + 1) ** 2 * 20) if repair else 0,
-        "sparsity": 4 * (2 * h * h + shape["attention"] ** 2 + shape["mlp"] ** 2) if sparsegpt else 0,
+        "sparsity": (4 * (2 * h * h + shape["attention"] ** 2 + shape["mlp"] ** 2) if sparsegpt else 0)
+        + (shape["layers"] * shape["layer_params"] // 8 if sparse or sparsegpt else 0),
         "search": weights if search else 0,
     }
     largest = max(phases, key=phases.get)

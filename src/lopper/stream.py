@@ -9,20 +9,23 @@ released after. The passes are the in-memory prune's own functions, which run on
 3. per kept layer, in order: the repair (`repair.repair` on the already-cut model's hidden states, with the
    unpruned stream beside it), then the cut (`surgery.cut_layer`), then the write of its tensors to their own
    shard; then `surgery.apply` on the meta skeleton rewrites the config and cuts the resident tensors, which go to
-   the last shard.
+   the last shard;
+4. with sparsity, `sparsify_written`: the written layers are streamed again from their shards and sparsified in
+   order on the cut model's activations (sparsity.for_prune), each written over its shard.
 Peak: embeddings + head + one or two layers + the calibration hidden states. The result is the in-memory prune's
 (tests/test_stream.py: same plan, same logits).
 
 Streams: Hugging Face folders of safetensors whose tensor names are the model's own (what transformers 5 saves for
 dense families), layer metrics bi/angular, width metrics magnitude/activation/fluctuation, --repair lsq/none.
 Not yet: GGUF files, checkpoints whose names transformers converts at load (fused experts), Fisher scores, SLEB,
---params-search loss, --target-speedup, --calib self (sampling reads every layer once per token), sparsity,
---eval-text; `refusals` names them.
+--params-search loss, --target-speedup, --calib self (sampling reads every layer once per token),
+--sparsity-scope global (one threshold over every weight), --eval-text; `Selection.not_streamed` names them.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -133,8 +136,7 @@ class Shards:
 
     def write(self, k: int, tensors: dict[str, torch.Tensor]) -> None:
         name = f"model-{k + 1:05d}-of-{self.count:05d}.safetensors"
-        cast = {n: (t.to(self.dtype) if self.dtype is not None and t.is_floating_point() else t).contiguous()
-                for n, t in tensors.items()}
+        cast = saved(tensors, self.dtype)
         save_file(cast, self.folder / name, metadata={"format": "pt"})
         self.weight_map.update({n: name for n in cast})
         self.total += sum(t.numel() * t.element_size() for t in cast.values())
@@ -188,3 +190,36 @@ def cut_and_write(model, adapter, plan: Plan, folder: Path, dtype: torch.dtype |
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(folder)
     return standard
+
+
+def sparsify_written(model, adapter, folder: Path, dtype: torch.dtype | None, run):
+    """Pass 4, sparsity: the cut layers just written to `folder` are streamed again from their shards (the
+    skeleton holds their cut shapes), `run(after)` sparsifies them one at a time on the cut model's own activations
+    (sparsity.for_prune, as in memory), and `after(i)` writes layer i over its shard. Returns run's result. A
+    checkpoint saved in a narrower dtype than the compute one is sparsified from the saved (rounded) weights."""
+    ckpt, prefix = Checkpoint(folder), layers_prefix(model, adapter)
+    held = next(p for p in model.parameters() if not p.is_meta)
+    layers = list(adapter.layers())
+    for j, layer in enumerate(layers):
+        keys = {n: f"{prefix}.{j}.{n}" for n, _ in layer.named_parameters()}
+        stream_layer(layer, lambda keys=keys: ckpt.read(keys, held.dtype, held.device))
+
+    def after(i: int) -> None:
+        tensors = {f"{prefix}.{i}.{n}": t for n, t in layers[i].state_dict().items()}
+        shard = ckpt.files[next(iter(tensors))]
+        rewrite(shard, tensors, dtype)
+
+    return run(after)
+
+
+def rewrite(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> None:
+    """Replace the safetensors file `path` by `tensors` (cast to `dtype`), through a temporary file and a rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(saved(tensors, dtype), tmp, metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def saved(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """The tensors as written: floating ones cast to the checkpoint's dtype (None: as they are), contiguous."""
+    return {n: (t.to(dtype) if dtype is not None and t.is_floating_point() else t).contiguous()
+            for n, t in tensors.items()}

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -14,9 +16,9 @@ from transformers.pytorch_utils import Conv1D
 
 from ..arch import Adapter
 from ..errors import LopperError
-from ..layerwise import call_layer, capture_layer_inputs, run_model
+from ..layerwise import call_layer, capture_layer_inputs, resident
 from .criteria import lowest, prune_mask, score, sparsegpt
-from .masks import MASKS_FILE, load_masks, pack_masks
+from .masks import MASKS_FILE, Packed, load_masks
 from .settings import Spec
 
 log = logging.getLogger("lopper")
@@ -54,20 +56,28 @@ def targets(model: nn.Module, adapter: Adapter, ignore: str = "") -> list[Target
 # ---- the pass over a model --------------------------------------------------------------------------------------
 @dataclass
 class Result:
-    """What `sparsify` did: the keep mask of every target ([out, in], True = kept) and the per-layer targets."""
+    """What `sparsify` did: the keep mask of every target ([out, in], True = kept, bit-packed), the per-layer targets
+    and the nonzero parameters outside the embeddings after it."""
 
     spec: Spec
     targets: list[Target]
-    keep: dict[str, torch.Tensor]
+    packed: Packed
     layer_targets: dict[int, float] = field(default_factory=dict)
+    nonzero: int = 0
+
+    @property
+    def keep(self) -> dict[str, torch.Tensor]:
+        """Every mask unpacked (bool tensors: 8x the packed size)."""
+        return {t.name: self.packed.get(t.name) for t in self.targets}
 
     def achieved(self) -> dict[str, float]:
-        return {t.name: 1 - self.keep[t.name].float().mean().item() for t in self.targets}
+        return {t.name: 1 - self.packed.kept[t.name] / self.packed.numel(t.name) for t in self.targets}
 
-    def counts(self) -> tuple[int, int]:
-        """(weights in the targets, weights zeroed by the masks)."""
-        total = sum(self.keep[t.name].numel() for t in self.targets)
-        return total, total - sum(int(self.keep[t.name].sum()) for t in self.targets)
+    def counts(self, layer: int | None = None) -> tuple[int, int]:
+        """(weights in the targets, weights zeroed by the masks), of one layer or all."""
+        names = [t.name for t in self.targets if layer is None or t.layer == layer]
+        total = sum(self.packed.numel(n) for n in names)
+        return total, total - sum(self.packed.kept[n] for n in names)
 
     def plan_entry(self, calib: dict | None = None) -> dict:
         total, zeroed = self.counts()
@@ -79,37 +89,44 @@ class Result:
         entry["modules"] = {k: round(v, 6) for k, v in self.achieved().items()}
         return entry
 
-    def report(self, model: nn.Module, adapter: Adapter) -> dict:
+    def report(self) -> dict:
         total, zeroed = self.counts()
         per_layer = []
         for i in sorted({t.layer for t in self.targets}):
-            ts = [t for t in self.targets if t.layer == i]
-            n = sum(self.keep[t.name].numel() for t in ts)
-            z = n - sum(int(self.keep[t.name].sum()) for t in ts)
+            n, z = self.counts(i)
             row = {"layer": i, "weights": n, "zeroed": z, "sparsity": round(z / n, 6)}
             if i in self.layer_targets:
                 row["target"] = round(self.layer_targets[i], 6)
             per_layer.append(row)
         return {**self.spec.settings(), "overall": round(zeroed / max(total, 1), 6), "weights": total,
-                "zeroed": zeroed, "modules": len(self.targets),
-                "nonzero_params_non_embedding": nonzero_non_embedding(model, adapter), "per_layer": per_layer}
+                "zeroed": zeroed, "modules": len(self.targets), "nonzero_params_non_embedding": self.nonzero,
+                "per_layer": per_layer}
 
     def files(self) -> dict[str, bytes]:
-        return {MASKS_FILE: pack_masks(self.keep)}
+        return {MASKS_FILE: self.packed.file()}
 
 
 def nonzero_non_embedding(model: nn.Module, adapter: Adapter) -> int:
-    """Nonzero entries of every parameter outside the embeddings and lm_head (tied ones once)."""
+    """Nonzero entries of every parameter outside the embeddings and lm_head (tied ones once); a streamed model's
+    layers are read one at a time."""
     embed = {id(p) for p in adapter.embedding_params()}
-    params = {id(p): p for p in model.parameters() if id(p) not in embed}
-    return sum(int(torch.count_nonzero(p)) for p in params.values())
+    total, seen = 0, set(embed)
+    for layer in adapter.layers():
+        with resident(layer):
+            params = {id(p): p for p in layer.parameters() if id(p) not in seen}
+            total += sum(int(torch.count_nonzero(p)) for p in params.values())
+        seen.update(id(p) for p in layer.parameters())
+    rest = {id(p): p for p in model.parameters() if id(p) not in seen and not p.is_meta}
+    return total + sum(int(torch.count_nonzero(p)) for p in rest.values())
 
 
 @torch.no_grad()
 def sparsify(model: nn.Module, adapter: Adapter, spec: Spec, windows: list[torch.Tensor] | None,
              masks: dict[str, torch.Tensor] | None = None, layer_targets: dict[int, float] | None = None,
-             quiet: bool = False) -> Result:
-    """Zero weights of `model` in place per `spec` (or per the given keep `masks`, from a replay)."""
+             quiet: bool = False, after: Callable[[int], None] | None = None) -> Result:
+    """Zero weights of `model` in place per `spec` (or per the given keep `masks`, from a replay). Layer by layer,
+    each held resident for its step, so a streamed model (layerwise.py) has one layer in memory at a time;
+    `after(i)` is called while layer i is still resident and final (the streamed prune writes it out then)."""
     spec.check()
     tg = targets(model, adapter, spec.ignore)
     if not tg:
@@ -120,67 +137,91 @@ def sparsify(model: nn.Module, adapter: Adapter, spec: Spec, windows: list[torch
     if spec.needs_calibration(masks is not None) and not windows:
         raise LopperError(f"--sparsity-criterion {spec.criterion} / --sparsity-allocation {spec.allocation} need "
                           "calibration text: the model needs tokenizer files")
+    layers = list(adapter.layers())
     dense_sq = None
     if masks is None and (spec.allocation == "owl" or (spec.criterion == "wanda" and spec.scope == "global")):
         dense_sq = input_sq(model, adapter, tg, windows, quiet)
     if layer_targets is None:
-        layer_targets = owl_targets(tg, dense_sq, spec) if spec.allocation == "owl" and masks is None else \
-            {i: spec.target for i in sorted({t.layer for t in tg})}
+        layer_targets = owl_targets(tg, dense_sq, spec, layers=layers) \
+            if spec.allocation == "owl" and masks is None else {i: spec.target for i in sorted({t.layer for t in tg})}
     if masks is not None and spec.criterion != "sparsegpt":
-        keep = {t.name: masks[t.name] for t in tg}
+        keep = _each_layer(layers, tg, lambda t: masks[t.name], after)
     elif spec.scope == "global" and not spec.nm:
-        keep = _global(tg, spec, dense_sq)
+        chosen = _global(layers, tg, spec, dense_sq)
+        keep = _each_layer(layers, tg, lambda t: chosen[t.name], after)
     elif spec.criterion == "magnitude":
-        keep = {t.name: ~prune_mask(score(t.weight(), "magnitude", None), layer_targets[t.layer], spec) for t in tg}
+        keep = _each_layer(layers, tg, lambda t: ~prune_mask(score(t.weight(), "magnitude", None),
+                                                              layer_targets[t.layer], spec), after)
     else:
-        keep = _sequential(model, adapter, tg, spec, layer_targets, windows, masks, quiet)
-    for t in tg:  # idempotent where the pass already zeroed them
-        w = t.weight()
-        w.mul_(keep[t.name].to(w.device, w.dtype))
-    result = Result(spec, tg, keep, layer_targets)
+        keep = _sequential(model, adapter, tg, spec, layer_targets, windows, masks, quiet, after)
+    result = Result(spec, tg, keep, layer_targets, nonzero_non_embedding(model, adapter))
     total, zeroed = result.counts()
     log.info("sparsity: %d of %d weights in %d modules zeroed (%.4f, %s, %s)", zeroed, total, len(tg),
              zeroed / total, spec.pattern, spec.criterion)
     return result
 
 
-def _global(tg: list[Target], spec: Spec, sq: dict | None) -> dict[str, torch.Tensor]:
-    scores = [score(t.weight(), spec.criterion, (sq or {}).get(id(t.module))).cpu() for t in tg]
+def _each_layer(layers, tg: list[Target], mask_of, after) -> Packed:
+    """Zero every target by its keep mask `mask_of(target)` ([out, in], True = kept), one layer resident at a time."""
+    keep = Packed()
+    for i in sorted({t.layer for t in tg}):
+        with resident(layers[i]):
+            for t in (t for t in tg if t.layer == i):
+                w = t.weight()
+                k = mask_of(t).to(w.device)
+                w.mul_(k.to(w.dtype))
+                keep.add(t.name, k)
+            if after is not None:
+                after(i)
+    return keep
+
+
+def _global(layers, tg: list[Target], spec: Spec, sq: dict | None) -> dict[str, torch.Tensor]:
+    """One threshold over every target's scores (all of them at once: the streamed prune refuses this scope)."""
+    scores = []
+    for t in tg:
+        with resident(layers[t.layer]):
+            scores.append(score(t.weight(), spec.criterion, (sq or {}).get(id(t.module))).cpu())
     flat = torch.cat([s.reshape(-1) for s in scores])
     gone = lowest(flat, round(spec.target * flat.numel()))
     keep, start = {}, 0
     for t, s in zip(tg, scores):
-        keep[t.name] = ~gone[start:start + s.numel()].view_as(s).to(t.module.weight.device)
+        keep[t.name] = ~gone[start:start + s.numel()].view_as(s)
         start += s.numel()
     return keep
 
 
 def input_sq(model: nn.Module, adapter: Adapter, tg: list[Target], windows, quiet: bool) -> dict[int, torch.Tensor]:
-    """Sum over calibration tokens of x_j^2 per input channel of every target, dense model, one pass."""
+    """Sum over calibration tokens of x_j^2 per input channel of every target, dense model, one layer at a time."""
     sq: dict[int, torch.Tensor] = {}
 
     def hook(module, args):
         x = args[0].detach().float()
         sq[id(module)] = sq.get(id(module), 0) + x.pow(2).reshape(-1, x.shape[-1]).sum(0)
 
-    hooks = [t.module.register_forward_pre_hook(hook) for t in tg]
-    try:
-        for ids in tqdm(windows, desc="sparsity statistics", disable=quiet, leave=False):
-            run_model(model, adapter, ids)
-    finally:
-        for h in hooks:
-            h.remove()
+    xs, layer_kwargs = capture_layer_inputs(model, adapter, windows)
+    layers = list(adapter.layers())
+    for i in tqdm(range(max(t.layer for t in tg) + 1), desc="sparsity statistics", disable=quiet, leave=False):
+        hooks = [t.module.register_forward_pre_hook(hook) for t in tg if t.layer == i]
+        try:
+            with resident(layers[i]):
+                xs = [call_layer(layers[i], x, layer_kwargs[b][i]) for b, x in enumerate(xs)]
+        finally:
+            for h in hooks:
+                h.remove()
     return sq
 
 
 def owl_targets(tg: list[Target], sq: dict[int, torch.Tensor], spec: Spec, lam: float = OWL_LAMBDA,
-                m: float = OWL_M) -> dict[int, float]:
-    """OWL: per-layer sparsity from each layer's outlier ratio of Wanda scores (see the module docstring)."""
-    layers = sorted({t.layer for t in tg})
+                m: float = OWL_M, layers: list[nn.Module] | None = None) -> dict[int, float]:
+    """OWL: per-layer sparsity from each layer's outlier ratio of Wanda scores (see the module docstring). With
+    `layers` (a streamed model's), each is held resident while its scores are read."""
+    ids = sorted({t.layer for t in tg})
     ratio, size = [], []
-    for i in layers:
-        scores = torch.cat([score(t.weight(), "wanda", sq.get(id(t.module))).reshape(-1)
-                            for t in tg if t.layer == i])
+    for i in ids:
+        with resident(layers[i]) if layers is not None else nullcontext():
+            scores = torch.cat([score(t.weight(), "wanda", sq.get(id(t.module))).reshape(-1)
+                                for t in tg if t.layer == i])
         ratio.append((scores > m * scores.mean()).float().mean().item())
         size.append(scores.numel())
     r, n = torch.tensor(ratio, dtype=torch.float64), torch.tensor(size, dtype=torch.float64)
@@ -189,33 +230,35 @@ def owl_targets(tg: list[Target], sq: dict[int, torch.Tensor], spec: Spec, lam: 
     sparsity = -keep
     sparsity = sparsity - (sparsity * n).sum() / n.sum() + spec.target
     sparsity = sparsity.clamp(0.0, 0.99)
-    return {i: float(s) for i, s in zip(layers, sparsity)}
+    return {i: float(s) for i, s in zip(ids, sparsity)}
 
 
-def _sequential(model, adapter, tg, spec, layer_targets, windows, masks, quiet) -> dict[str, torch.Tensor]:
+def _sequential(model, adapter, tg, spec, layer_targets, windows, masks, quiet, after) -> Packed:
     """Wanda / SparseGPT, one layer at a time, each scored on the already-sparsified model's activations."""
     xs, layer_kwargs = capture_layer_inputs(model, adapter, windows)
     layers = list(adapter.layers())
     hessian = spec.criterion == "sparsegpt"
     last = max(t.layer for t in tg)
-    keep: dict[str, torch.Tensor] = {}
+    keep = Packed()
     for i in tqdm(range(last + 1), desc=f"sparsity ({spec.criterion})", disable=quiet, leave=False):
         mods = [t for t in tg if t.layer == i]
-        if mods:
-            stats = _layer_stats(layers[i], i, mods, xs, layer_kwargs, hessian)
-            for t in mods:
-                w = t.weight()
-                if hessian:
-                    new, k = sparsegpt(w, stats[id(t.module)], layer_targets[i], spec,
-                                       None if masks is None else masks[t.name])
-                    w.copy_(new.to(w.dtype))
-                    keep[t.name] = k
-                else:
-                    k = ~prune_mask(score(w, "wanda", stats[id(t.module)]), layer_targets[i], spec)
-                    w.mul_(k.to(w.dtype))
-                    keep[t.name] = k
-        if i < last:
-            xs = [call_layer(layers[i], x, layer_kwargs[b][i]) for b, x in enumerate(xs)]
+        with resident(layers[i]):
+            if mods:
+                stats = _layer_stats(layers[i], i, mods, xs, layer_kwargs, hessian)
+                for t in mods:
+                    w = t.weight()
+                    if hessian:
+                        new, k = sparsegpt(w, stats.pop(id(t.module)), layer_targets[i], spec,
+                                           None if masks is None else masks[t.name])
+                        w.copy_(new.to(w.dtype))
+                    else:
+                        k = ~prune_mask(score(w, "wanda", stats.pop(id(t.module))), layer_targets[i], spec)
+                        w.mul_(k.to(w.dtype))
+                    keep.add(t.name, k)
+            if i < last:
+                xs = [call_layer(layers[i], x, layer_kwargs[b][i]) for b, x in enumerate(xs)]
+            if mods and after is not None:
+                after(i)
     return keep
 
 
@@ -247,7 +290,7 @@ def _layer_stats(layer, i, mods, xs, layer_kwargs, hessian: bool) -> dict[int, t
 
 
 # ---- the api.prune step -----------------------------------------------------------------------------------------
-def for_prune(args, plan, model: nn.Module, adapter: Adapter, windows) -> Result | None:
+def for_prune(args, plan, model: nn.Module, adapter: Adapter, windows, after=None) -> Result | None:
     """Sparsify the (already cut) model per the plan it replays if that records sparsity, else per args (a replayed
     structured plan may get new sparsity); records the result in plan.sparsity. None when no sparsity is asked."""
     masks, layer_targets = None, None
@@ -267,7 +310,7 @@ def for_prune(args, plan, model: nn.Module, adapter: Adapter, windows) -> Result
         spec = Spec.from_args(args)
         if not spec.active:
             return None
-    result = sparsify(model, adapter, spec, windows, masks, layer_targets, quiet=args.quiet)
+    result = sparsify(model, adapter, spec, windows, masks, layer_targets, quiet=args.quiet, after=after)
     calib = {"calib": args.calib or "built-in", "calib_samples": args.calib_samples, "seq_len": args.seq_len} \
         if spec.needs_calibration(masks is not None) else None
     plan.sparsity = result.plan_entry(calib)
