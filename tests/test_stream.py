@@ -11,6 +11,7 @@ import transformers
 import lopper
 from lopper import layerwise, memory, stream
 from lopper.errors import LopperError
+from lopper.gradient import fisher_scores
 from families import REGISTRY
 from tiny import make_model, tiny_model, tiny_moe, tiny_tokenizer, tree_digest
 
@@ -123,8 +124,8 @@ def test_auto_streams_when_the_model_does_not_fit(folders, tmp_path, monkeypatch
     assert report["memory"]["estimate"]["peak_bytes"] < full
     with pytest.raises(LopperError, match="--stream on"):  # told how to fit instead of streaming
         lopper.prune(model=str(src), out=str(tmp_path / "p"), params=0.3, stream="off", quiet=True)
-    with pytest.raises(LopperError, match=r"--stream on \(not with --width-metric fisher"):
-        lopper.prune(model=str(src), out=str(tmp_path / "p"), params=0.3, width_metric="fisher", quiet=True)
+    with pytest.raises(LopperError, match=r"--stream on \(not with --layer-metric sleb"):
+        lopper.prune(model=str(src), out=str(tmp_path / "p"), drop_layers=1, layer_metric="sleb", quiet=True)
 
 
 SPARSE = {"wanda": dict(sparsity=0.5), "sparsegpt 2:4": dict(sparsity=0.5, sparsity_pattern="2:4",
@@ -147,8 +148,32 @@ def test_streamed_sparsity_equals_in_memory(family, sparse, folders, tmp_path):
     torch.testing.assert_close(outputs(b, ids), outputs(a, ids), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("option,named", [(dict(width_metric="fisher"), "--width-metric fisher"),
-                                          (dict(layer_metric="sleb"), "--layer-metric sleb"),
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2", "bert", "opt"])
+def test_streamed_fisher_equals_in_memory(family, folders):
+    """Fisher scores with one layer in memory at a time (a hand-run backward, layer by layer) equal the whole
+    model's backward, for every structure and the hidden channels (tied and untied heads, encoders)."""
+    src = str(folders(family))
+    windows = [REGISTRY[family].inputs(k) for k in range(3)]
+    model, _, adapter = lopper.io.load_model(src)
+    want = fisher_scores(model, adapter, windows, quiet=True)
+    model, _, adapter = stream.load_streamed(src, "cpu", "auto")
+    got = fisher_scores(model, adapter, windows, quiet=True)
+    assert all(p.is_meta for layer in adapter.layers() for p in layer.parameters())  # released after
+    for name in ("heads", "mlp", "kv_heads"):
+        for i, w in getattr(want, name).items():
+            torch.testing.assert_close(getattr(got, name)[i], w, rtol=1e-4, atol=1e-12 + 1e-6 * float(w.max()))
+    torch.testing.assert_close(got.hidden, want.hidden, rtol=1e-4, atol=1e-6 * float(want.hidden.max()))
+    assert float(want.hidden.max()) > 0 and float(want.mlp[0].max()) > 0
+
+
+def test_streamed_fisher_prune(folders, tmp_path):
+    (mem, a), (streamed, b) = both(folders("qwen2"), tmp_path, params=0.3, width_metric="fisher")
+    assert plan_of(a) == plan_of(b)
+    ids = REGISTRY["qwen2"].inputs(1)
+    torch.testing.assert_close(outputs(b, ids), outputs(a, ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("option,named", [(dict(layer_metric="sleb"), "--layer-metric sleb"),
                                           (dict(params_search="loss"), "--params-search loss"),
                                           (dict(calib="self"), "--calib self"),
                                           (dict(sparsity=0.5, sparsity_scope="global"), "--sparsity-scope global"),

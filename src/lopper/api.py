@@ -215,8 +215,7 @@ class Selection(ModelOptions, RemoveOptions, SpeedOptions, ScoringOptions, Repai
     def not_streamed(self) -> str:
         """The options that the layer-streamed path (stream.py) does not take yet, or ''."""
         spec = sp.Spec.from_args(self)
-        found = [self.width_metric == "fisher" and "--width-metric fisher (gradients through the whole model)",
-                 self.layer_metric == "sleb" and "--layer-metric sleb",
+        found = [self.layer_metric == "sleb" and "--layer-metric sleb",
                  self.params_search == "loss" and bool(self.params) and "--params-search loss",
                  bool(self.target_speedup) and "--target-speedup",
                  self.calib == SELF and "--calib self (sampling reads every layer once per token; give a file or "

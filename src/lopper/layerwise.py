@@ -153,7 +153,7 @@ def _device(model: nn.Module) -> torch.device:
     return next(p.device for p in model.parameters() if not p.is_meta)
 
 
-def _outside_resident(model: nn.Module, adapter: Adapter) -> ExitStack:
+def outside_resident(model: nn.Module, adapter: Adapter) -> ExitStack:
     """A block holding the streamed embedding and head in memory (an empty one for a resident model)."""
     held = ExitStack()
     for m in streamed_outside(model, adapter):
@@ -183,7 +183,7 @@ def capture_layer_inputs(model: nn.Module, adapter: Adapter, batches: list[torch
             raise _Stop
         return (x,) if _TUPLE_OUT.get(type(layers[i]), False) else x
 
-    with _stubbed(layers, record), _outside_resident(model, adapter):
+    with _stubbed(layers, record), outside_resident(model, adapter):
         for ids in batches:
             calls.clear()
             try:
@@ -199,15 +199,42 @@ def capture_layer_inputs(model: nn.Module, adapter: Adapter, batches: list[torch
 def run_tail(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor], finals: list[torch.Tensor]) -> None:
     """Run what follows the layers (final norm, head, pooler) as the model's forward would on the hidden states
     `finals` [1, L, hidden] leaving the last layer, one per window; for the hooks registered on those modules."""
-    layers = list(adapter.layers())
-    with _outside_resident(model, adapter):
+    with outside_resident(model, adapter):  # read once for all windows
         for ids, y in zip(batches, finals):
-            def give(i, *args, y=y, **kw):
-                x = y if i == 0 else (args[0] if args else kw["hidden_states"])
-                return (x,) if _TUPLE_OUT.get(type(layers[i]), False) else x
-
-            with _stubbed(layers, give):
+            with layers_skipped(model, adapter, y):
                 run_model(model, adapter, ids)
+
+
+@contextmanager
+def layers_skipped(model: nn.Module, adapter: Adapter, y: torch.Tensor):
+    """For the block, the model's forward skips its layers and hands `y` [B, L, hidden] to what follows them (final
+    norm, head, pooler), as if the last layer had returned it; the streamed embedding and head are resident."""
+    layers = list(adapter.layers())
+
+    def give(i, *args, **kw):
+        x = y if i == 0 else (args[0] if args else kw["hidden_states"])
+        return (x,) if _TUPLE_OUT.get(type(layers[i]), False) else x
+
+    with _stubbed(layers, give), outside_resident(model, adapter):
+        yield
+
+
+def embed(model: nn.Module, adapter: Adapter, ids: torch.Tensor) -> torch.Tensor:
+    """The hidden states entering layer 0 for token ids [B, L], with the autograd graph back to the embedding when
+    gradients are on; the caller holds a streamed embedding resident (`outside_resident`)."""
+    layers = list(adapter.layers())
+    first = []
+
+    def record(i, *args, **kw):
+        first.append(args[0] if args else kw["hidden_states"])
+        raise _Stop
+
+    with _stubbed(layers, record):
+        try:
+            run_model(model, adapter, ids)
+        except _Stop:
+            pass
+    return first[0]
 
 
 def call_layer(layer, x, call):

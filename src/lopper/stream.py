@@ -16,8 +16,9 @@ Peak: embeddings + head + one or two layers + the calibration hidden states. The
 (tests/test_stream.py: same plan, same logits).
 
 Streams: Hugging Face folders of safetensors whose tensor names are the model's own (what transformers 5 saves for
-dense families), layer metrics bi/angular, width metrics magnitude/activation/fluctuation, --repair lsq/none.
-Not yet: GGUF files, checkpoints whose names transformers converts at load (fused experts), Fisher scores, SLEB,
+dense families), layer metrics bi/angular, every width metric (Fisher: gradient.py's streamed backward, one layer
+at a time), --repair lsq/none, sparsity.
+Not yet: GGUF files, checkpoints whose names transformers converts at load (fused experts), SLEB,
 --params-search loss, --target-speedup, --calib self (sampling reads every layer once per token),
 --sparsity-scope global (one threshold over every weight), --eval-text; `Selection.not_streamed` names them.
 """
