@@ -29,6 +29,7 @@ class Family:
     gqa: bool = True         # grouped-query attention (KV groups are a structure)
     moe: bool = False
     encoder: bool = False
+    derived_head_dim: bool = False  # the config has no head_dim (hidden / heads): cuts breaking it are not standard
 
     def plan(self, data, adapter, kind: str) -> Plan:
         if self.moe:
@@ -148,16 +149,16 @@ REGISTRY: dict[str, Family] = {f.name: f for f in [
     Family("qwen2", core_archs, _core, CORE),
     Family("qwen3", core_archs, _core, CORE),
     Family("bert", core_archs, _core, ("layers", "heads", "mlp", "all"), tie_options=(False,), gqa=False,
-           encoder=True, layernorm=True),
+           encoder=True, layernorm=True, derived_head_dim=True),
     Family("roberta", core_archs, _core, ("layers", "heads", "mlp", "all"), tie_options=(False,), gqa=False,
-           encoder=True, layernorm=True),
+           encoder=True, layernorm=True, derived_head_dim=True),
     Family("gpt2", ext_archs, _ext, ("layers", "heads", "mlp", "all"), tie_options=(True,), layernorm=True,
-           gqa=False),
-    Family("opt", ext_archs, _ext, ("layers", "heads", "mlp", "all"), layernorm=True, gqa=False),
+           gqa=False, derived_head_dim=True),
+    Family("opt", ext_archs, _ext, ("layers", "heads", "mlp", "all"), layernorm=True, gqa=False, derived_head_dim=True),
     Family("phi3", ext_archs, _ext, CORE),
     Family("gemma2", ext_archs, _ext, CORE),
     Family("gemma3_text", ext_archs, _ext, CORE),
     Family("mixtral", moe_archs, _moe, MOE_KINDS, moe=True),
-    Family("qwen2_moe", moe_archs, _moe, MOE_KINDS, moe=True),
+    Family("qwen2_moe", moe_archs, _moe, MOE_KINDS, moe=True, derived_head_dim=True),
     Family("qwen3_moe", moe_archs, _moe, MOE_KINDS, moe=True),
 ]}
