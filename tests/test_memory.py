@@ -34,6 +34,8 @@ def test_the_estimate_follows_the_config():
     assert more["phases_bytes"]["repair"] > eight_b["phases_bytes"]["repair"]
     assert estimate(llama(32), repair=False)["phases_bytes"]["repair"] == 0
     assert estimate(llama(32), search=True)["largest_phase"] == "search"
+    fisher = estimate(llama(32), repair=False, fisher=True)  # the embedding's gradient alone is 2.1 GB in float32
+    assert fisher["largest_phase"] == "fisher" and fisher["phases_bytes"]["fisher"] > 128256 * 4096 * 4
 
 
 def test_a_run_that_cannot_fit_is_refused_before_loading(model_dir, tmp_path, monkeypatch):

@@ -581,7 +581,8 @@ def memory_estimate(args: Selection, source: str, config, streamed: bool = False
         samples=args.calib_samples, seq_len=args.seq_len, repair=args.repair != "none",
         correct=args.repair_correct, sparsegpt=spec.active and spec.criterion == "sparsegpt",
         search=args.params_search == "loss" and bool(args.params or args.target_speedup),
-        all_pairs=args.layer_metric == "angular", streamed=streamed, sparse=spec.active)
+        all_pairs=args.layer_metric == "angular", streamed=streamed, sparse=spec.active,
+        fisher=args.width_metric == "fisher")
 
 
 def _maybe_ppl(model, tok, args: PruneArgs):

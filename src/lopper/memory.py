@@ -11,6 +11,10 @@ The in-memory path holds the whole model at the compute dtype all along; on top 
   [I + 1, I + 1] in float32 with its float64 solve (20 bytes per entry);
 - sparsity: the keep masks, bit-packed (1 bit a weight of the layers), and with SparseGPT one layer's Hessians,
   4 bytes x (2 hidden^2 + attention width^2 + I^2);
+- --width-metric fisher: one window's backward: every layer's input [L, hidden] kept (checkpointing, in memory or
+  by hand when streamed), one layer's recomputed activations (about 4 x [L, I] and 4 x [L, hidden] with their
+  gradients), the logits [L, vocab] in float32 with their softmax and gradient, and the largest weight's gradient
+  (the embedding's, [vocab, hidden]), all float32;
 - --params-search loss: a second copy of the model per candidate.
 The estimate is weights + the largest phase + the runtime (torch and Python, about 0.5 GB on CPU). Measured on
 the issue's 0.72B random Llama (hidden 2560, 8 layers, bf16 checkpoint of 1.44 GB, 8 x 256 calibration tokens,
@@ -53,7 +57,7 @@ def model_shape(config, model_cls) -> dict:
 
 def estimate_prune(shape: dict, *, dtype: torch.dtype, device: str, checkpoint_bytes: int, samples: int,
                    seq_len: int, repair: bool, correct: float, sparsegpt: bool, search: bool, all_pairs: bool = False,
-                   streamed: bool = False, sparse: bool = False) -> dict:
+                   streamed: bool = False, sparse: bool = False, fisher: bool = False) -> dict:
     """Bytes per part and the estimated peak (`peak_bytes`) of `lopper prune`, in memory or streamed. Streamed, the
     weights held are those outside the layers and an untied embedding and head, plus whichever is larger of two
     layers and that embedding and head (each read only while used); loading reads one layer at a time."""
@@ -73,6 +77,8 @@ def estimate_prune(shape: dict, *, dtype: torch.dtype, device: str, checkpoint_b
         "sparsity": (4 * (2 * h * h + shape["attention"] ** 2 + shape["mlp"] ** 2) if sparsegpt else 0)
         + (shape["layers"] * shape["layer_params"] // 8 if sparse or sparsegpt else 0),
         "search": weights if search else 0,
+        "fisher": 4 * (seq_len * (shape["layers"] + 1) * h + 8 * seq_len * (shape["mlp"] + h)
+                       + 3 * seq_len * shape["vocab"] + shape["vocab"] * h) if fisher else 0,
     }
     largest = max(phases, key=phases.get)
     runtime = RUNTIME_CPU if device == "cpu" else 0
