@@ -11,6 +11,7 @@ import transformers
 import lopper
 from lopper import layerwise, memory, stream
 from lopper.errors import LopperError
+from lopper.evaluate import STREAMED_WINDOWS
 from lopper.gradient import fisher_scores
 from families import REGISTRY
 from tiny import make_model, tiny_model, tiny_moe, tiny_tokenizer, tree_digest
@@ -173,11 +174,31 @@ def test_streamed_fisher_prune(folders, tmp_path):
     torch.testing.assert_close(outputs(b, ids), outputs(a, ids), atol=1e-5, rtol=0)
 
 
+def test_streamed_perplexity_equals_in_memory(folders, tmp_path):
+    """--eval-text in a streamed prune, and lopper eval --stream on, measure what the in-memory runs measure (the
+    layers run over several windows at once; one text window more than a chunk, so two chunks)."""
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"word{i % 37} and more{i % 11}" for i in range(900)))
+    src = folders("llama")
+    n = 16 * (STREAMED_WINDOWS + 4)
+    (mem, a), (streamed, b) = both(src, tmp_path, params=0.3, eval_text=str(text), eval_seq_len=16, eval_max_tokens=n)
+    for key in ("perplexity_before", "perplexity_after"):
+        assert streamed[key]["windows"] > STREAMED_WINDOWS
+        assert streamed[key]["perplexity"] == pytest.approx(mem[key]["perplexity"], rel=1e-5)
+    assert mem["perplexity_after"]["perplexity"] != mem["perplexity_before"]["perplexity"]
+    for folder in (src, b):
+        off = lopper.evaluate(model=str(folder), text=str(text), seq_len=16, max_tokens=n, stream="off", quiet=True)
+        on = lopper.evaluate(model=str(folder), text=str(text), seq_len=16, max_tokens=n, stream="on", quiet=True)
+        assert on["perplexity"] == pytest.approx(off["perplexity"], rel=1e-5) and on["params"] == off["params"]
+    with pytest.raises(LopperError, match="--tasks runs the whole model"):
+        lopper.evaluate(model=str(src), tasks="piqa", stream="on", quiet=True)
+
+
 @pytest.mark.parametrize("option,named", [(dict(layer_metric="sleb"), "--layer-metric sleb"),
                                           (dict(params_search="loss"), "--params-search loss"),
                                           (dict(calib="self"), "--calib self"),
                                           (dict(sparsity=0.5, sparsity_scope="global"), "--sparsity-scope global"),
-                                          (dict(eval_text="x.txt"), "--eval-text")])
+                                          ])
 def test_refuses_what_does_not_stream(option, named, folders, tmp_path):
     with pytest.raises(LopperError, match=f"--stream on cannot stream {named}"):
         lopper.prune(model=str(folders("llama")), out=str(tmp_path / "o"), stream="on", params=0.3, quiet=True,

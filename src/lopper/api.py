@@ -13,7 +13,7 @@ import torch
 
 from .version import __version__
 from .errors import LopperError
-from .evaluate import calibration_loss, count_params, perplexity, planned_params, weights_size
+from .evaluate import STREAMED_WINDOWS, calibration_loss, count_params, perplexity, planned_params, weights_size
 from .importance import collect, width_scores
 from .io import (DTYPES, check_output, checkpoint_dtype, is_gguf, load_model, model_class, model_source, read_config,
                  resolve_dtype, save, staged, write_beside)
@@ -221,8 +221,7 @@ class Selection(ModelOptions, RemoveOptions, SpeedOptions, ScoringOptions, Repai
                  self.calib == SELF and "--calib self (sampling reads every layer once per token; give a file or "
                  "builtin)",
                  spec.active and spec.scope == "global" and not spec.nm and "--sparsity-scope global (one "
-                 "threshold over every weight at once)",
-                 bool(getattr(self, "eval_text", "")) and "--eval-text (run lopper eval on the output)"]
+                 "threshold over every weight at once)"]
         return ", ".join(f for f in found if f)
 
 
@@ -281,7 +280,7 @@ class EvalOptions(Options):
 
 
 @dataclass(kw_only=True)
-class EvalArgs(ModelOptions, EvalOptions, RunOptions):
+class EvalArgs(ModelOptions, EvalOptions, StreamOptions, RunOptions):
     """Arguments of `lopper eval` (MODEL: also a folder saved by lopper, standard or not)."""
 
 
@@ -454,10 +453,12 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
             fix = (lambda after: run_repair(args, model, adapter, p, windows, quiet=args.quiet, after=after)) \
                 if args.repair == "lsq" else None
             standard = stream.cut_and_write(model, adapter, p, tmp, saved_dtype, fix)
+            stream.reopen(model, adapter, tmp)
             sparse = stream.sparsify_written(model, adapter, tmp, saved_dtype, lambda after: sp.for_prune(
                 args, p, model, adapter, windows, after=after))
             report = _report(args, source, standard, before, model, adapter, p, sparse, estimate, t0,
                              time.time() - t_repair)
+            _add_perplexity(report, ppl_before, model, tok, args)
             write_beside(tmp, source=source, tokenizer=tok, plan=p, report=report,
                          files=sparse.files() if sparse else None)
         out = Path(args.out)
@@ -468,9 +469,7 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
         standard = apply(model, adapter, p)
         sparse = sp.for_prune(args, p, model, adapter, windows)
         report = _report(args, source, standard, before, model, adapter, p, sparse, estimate, t0, t_repair)
-        if ppl_before:
-            report["perplexity_before"] = ppl_before
-            report["perplexity_after"] = _maybe_ppl(model, tok, args)
+        _add_perplexity(report, ppl_before, model, tok, args)
         out = save(model, args.out, source=source, tokenizer=tok, plan=p, report=report, dtype=saved_dtype,
                    force=args.force, files=sparse.files() if sparse else None)
     report["size_bytes_after"] = weights_size(out)
@@ -523,7 +522,7 @@ def evaluate(args: EvalArgs | None = None, /, **kwargs) -> dict:
     names = zeroshot.check(args.tasks, args.task_data, args.limit, args.batch) if args.tasks else []
     set_quiet(args.quiet)
     source = model_source(args.model, args.gguf_file)
-    model, tok, adapter = load_model(source, args.device, args.dtype)
+    model, tok, adapter, estimate = _load_for_eval(args, source)
     result = {"model": source, **count_params(model, adapter), "structures": structures(adapter)}
     if Path(source).exists():  # a folder, or a .gguf file
         result["size_bytes"] = weights_size(source)
@@ -540,9 +539,39 @@ def evaluate(args: EvalArgs | None = None, /, **kwargs) -> dict:
         if tok is None:
             raise LopperError(f"{args.model} has no tokenizer files: add them to run --tasks")
         result["zeroshot"] = zeroshot.run(model, tok, names, args.task_data, args.limit, args.batch, args.quiet)
+    result["memory"] = {"estimate": estimate, "measured": memory.peak(args.device)}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _load_for_eval(args: EvalArgs, source: str):
+    """(model, tokenizer, adapter, memory estimate): in memory, or with the layers streamed (--stream on, or auto
+    when the model does not fit; perplexity then runs one layer at a time, lm-eval's tasks need the whole model)."""
+    config = read_config(source)
+    streamable = not is_gguf(source) and not getattr(config, "lopper_layout", None)
+    estimate = eval_estimate(args, source, config)
+    streamed = args.stream == "on" or (args.stream == "auto" and streamable and not args.tasks
+                                       and not memory.fits(estimate, args.device))
+    if streamed and args.tasks:
+        raise LopperError("--tasks runs the whole model through lm-eval, which --stream on does not: use --stream off")
+    if streamed:
+        estimate = eval_estimate(args, source, config, streamed=True)
+    hint = "--stream on" if streamable and not streamed and not args.tasks else None
+    memory.check_fits(estimate, args.device, f"evaluating {source}", first=hint)
+    model, tok, adapter = (stream.load_streamed if streamed else load_model)(source, args.device, args.dtype)
+    return model, tok, adapter, estimate
+
+
+def eval_estimate(args: EvalArgs, source: str, config, streamed: bool = False) -> dict:
+    """memory.estimate_prune with nothing but the forward passes of perplexity: one window at a time in memory,
+    evaluate.STREAMED_WINDOWS at a time streamed."""
+    shape = memory.model_shape(config, model_class(config))
+    on_disk = weights_size(source) if Path(source).exists() else 2 * shape["params"]
+    return memory.estimate_prune(
+        shape, dtype=resolve_dtype(args.dtype, args.device), device=args.device, checkpoint_bytes=on_disk,
+        samples=STREAMED_WINDOWS if streamed else 1, seq_len=args.seq_len, repair=False, correct=0.0,
+        sparsegpt=False, search=False, streamed=streamed)
 
 
 def load(path: str, device: str = "cpu", dtype: str = "auto", semi_structured: bool = False):
@@ -583,6 +612,12 @@ def memory_estimate(args: Selection, source: str, config, streamed: bool = False
         search=args.params_search == "loss" and bool(args.params or args.target_speedup),
         all_pairs=args.layer_metric == "angular", streamed=streamed, sparse=spec.active,
         fisher=args.width_metric == "fisher")
+
+
+def _add_perplexity(report: dict, before: dict | None, model, tok, args: PruneArgs) -> None:
+    if before:
+        report["perplexity_before"] = before
+        report["perplexity_after"] = _maybe_ppl(model, tok, args)
 
 
 def _maybe_ppl(model, tok, args: PruneArgs):

@@ -8,9 +8,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .arch import Adapter
+from .arch import Adapter, adapter_for
 from .errors import LopperError
 from .io import empty_model
+from .layerwise import call_layer, capture_layer_inputs, is_streamed, layers_skipped, outside_resident, resident
 from .plan import Plan
 from .text import read_text, token_stream
 
@@ -49,7 +50,8 @@ def weights_size(folder: str | Path) -> int:
 def perplexity(model: nn.Module, tokenizer, text_path: str | Path, seq_len: int = 512, max_tokens: int = 0,
                quiet: bool = False) -> dict:
     """exp(total NLL / total predicted tokens) over non-overlapping windows of `seq_len` tokens of one stream;
-    a window predicts seq_len - 1 tokens. The last partial window is dropped."""
+    a window predicts seq_len - 1 tokens. The last partial window is dropped. A model whose layers are streamed
+    (stream.py) is run one layer at a time over `STREAMED_WINDOWS` windows at once."""
     stream = token_stream(tokenizer, read_text(text_path, "--text"))
     if max_tokens:
         stream = stream[:max_tokens]
@@ -57,15 +59,34 @@ def perplexity(model: nn.Module, tokenizer, text_path: str | Path, seq_len: int 
     if windows == 0:
         raise LopperError(f"--text {text_path} has {len(stream)} tokens, fewer than one window of --seq-len "
                           f"{seq_len}: give a longer text or a smaller --seq-len")
-    device = next(model.parameters()).device
+    adapter = adapter_for(model)
+    streamed = any(is_streamed(layer) for layer in adapter.layers())
+    device = next(p.device for p in model.parameters() if not p.is_meta)
+    chunk = STREAMED_WINDOWS if streamed else 1
     nll, count = 0.0, 0
-    for w in tqdm(range(windows), desc="perplexity", disable=quiet, leave=False):
-        ids = stream[w * seq_len:(w + 1) * seq_len][None].to(device)
-        logits = model(input_ids=ids).logits.float()
-        nll += torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item()
-        count += seq_len - 1
+    for w in tqdm(range(0, windows, chunk), desc="perplexity", disable=quiet, leave=False):
+        ids = [stream[k * seq_len:(k + 1) * seq_len][None].to(device) for k in range(w, min(w + chunk, windows))]
+        for x, logits in zip(ids, _streamed_logits(model, adapter, ids) if streamed else
+                             [model(input_ids=ids[0]).logits]):
+            nll += torch.nn.functional.cross_entropy(logits[0, :-1].float(), x[0, 1:], reduction="sum").item()
+            count += seq_len - 1
     return {"perplexity": math.exp(nll / count), "nll": nll / count, "tokens": count, "windows": windows,
             "seq_len": seq_len}
+
+
+STREAMED_WINDOWS = 16  # hidden states held per layer pass: 16 x 512 x 4096 x 4 bytes = 134 MB for an 8B model
+
+
+def _streamed_logits(model: nn.Module, adapter: Adapter, ids: list[torch.Tensor]):
+    """Each window's logits [1, L, vocab], the layers read once for all the windows (yielded one at a time)."""
+    xs, calls = capture_layer_inputs(model, adapter, ids)
+    for i, layer in enumerate(adapter.layers()):
+        with resident(layer):
+            xs = [call_layer(layer, x, calls[b][i]) for b, x in enumerate(xs)]
+    with outside_resident(model, adapter):
+        for x, y in zip(ids, xs):
+            with layers_skipped(model, adapter, y):
+                yield model(input_ids=x).logits
 
 
 @torch.no_grad()

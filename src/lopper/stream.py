@@ -10,8 +10,9 @@ released after. The passes are the in-memory prune's own functions, which run on
    unpruned stream beside it), then the cut (`surgery.cut_layer`), then the write of its tensors to their own
    shard; then `surgery.apply` on the meta skeleton rewrites the config and cuts the resident tensors, which go to
    the last shard;
-4. with sparsity, `sparsify_written`: the written layers are streamed again from their shards and sparsified in
-   order on the cut model's activations (sparsity.for_prune), each written over its shard.
+4. `reopen`: the written layers are streamed again from their shards; with sparsity, `sparsify_written`
+   sparsifies them in order on the cut model's activations (sparsity.for_prune), each written over its shard;
+   with --eval-text, the output's perplexity is measured one layer at a time (evaluate.perplexity).
 Peak: embeddings + head + one or two layers + the calibration hidden states. The result is the in-memory prune's
 (tests/test_stream.py: same plan, same logits).
 
@@ -20,7 +21,7 @@ dense families), layer metrics bi/angular, every width metric (Fisher: gradient.
 at a time), --repair lsq/none, sparsity.
 Not yet: GGUF files, checkpoints whose names transformers converts at load (fused experts), SLEB,
 --params-search loss, --target-speedup, --calib self (sampling reads every layer once per token),
---sparsity-scope global (one threshold over every weight), --eval-text; `Selection.not_streamed` names them.
+--sparsity-scope global (one threshold over every weight); `Selection.not_streamed` names them.
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ def load_streamed(source: str, device: str, dtype_name: str):
     if is_gguf(source):
         raise LopperError(f"--stream reads safetensors, and {source} is a GGUF file: prune it with --stream off")
     if getattr(config, "lopper_layout", None):
-        raise LopperError(f"{source} was saved with a lopper layout, which cannot be pruned again yet")
+        raise LopperError(f"{source} was saved with a lopper layout, which --stream cannot read yet: use --stream off")
     dtype = resolve_dtype(dtype_name, device)
     model = empty_model(model_class(config), config, dtype)
     adapter = adapter_class(config.model_type)(model)
@@ -193,22 +194,27 @@ def cut_and_write(model, adapter, plan: Plan, folder: Path, dtype: torch.dtype |
     return standard
 
 
-def sparsify_written(model, adapter, folder: Path, dtype: torch.dtype | None, run):
-    """Pass 4, sparsity: the cut layers just written to `folder` are streamed again from their shards (the
-    skeleton holds their cut shapes), `run(after)` sparsifies them one at a time on the cut model's own activations
-    (sparsity.for_prune, as in memory), and `after(i)` writes layer i over its shard. Returns run's result. A
-    checkpoint saved in a narrower dtype than the compute one is sparsified from the saved (rounded) weights."""
+def reopen(model, adapter, folder: Path) -> None:
+    """After `cut_and_write`: the skeleton's layers (cut shapes, meta) are streamed again, from the shards just
+    written to `folder`, so that the output can be sparsified and measured one layer at a time."""
     ckpt, prefix = Checkpoint(folder), layers_prefix(model, adapter)
     held = next(p for p in model.parameters() if not p.is_meta)
-    layers = list(adapter.layers())
-    for j, layer in enumerate(layers):
+    for j, layer in enumerate(adapter.layers()):
         keys = {n: f"{prefix}.{j}.{n}" for n, _ in layer.named_parameters()}
         stream_layer(layer, lambda keys=keys: ckpt.read(keys, held.dtype, held.device))
 
+
+def sparsify_written(model, adapter, folder: Path, dtype: torch.dtype | None, run):
+    """Pass 4, sparsity, on a `reopen`ed skeleton: `run(after)` sparsifies the layers one at a time on the cut
+    model's own activations (sparsity.for_prune, as in memory), and `after(i)` writes layer i over its shard.
+    Returns run's result. A checkpoint saved in a narrower dtype than the compute one is sparsified from the saved
+    (rounded) weights."""
+    shard_of = Checkpoint(folder).files
+    prefix, layers = layers_prefix(model, adapter), list(adapter.layers())
+
     def after(i: int) -> None:
         tensors = {f"{prefix}.{i}.{n}": t for n, t in layers[i].state_dict().items()}
-        shard = ckpt.files[next(iter(tensors))]
-        rewrite(shard, tensors, dtype)
+        rewrite(shard_of[next(iter(tensors))], tensors, dtype)
 
     return run(after)
 
