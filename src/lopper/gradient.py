@@ -184,8 +184,8 @@ def _streamed_totals(model: nn.Module, adapter: Adapter, windows, totals: dict, 
 def _scored(adapter: Adapter, i: int | None, layers):
     """{parameter: entries} of the scored parameters now in memory in layer i, or outside the layers when i is
     None, with gradients turned on for the block."""
-    inside = {id(p) for layer in layers for p in layer.parameters()}
     if i is None:
+        inside = {id(p) for layer in layers for p in layer.parameters()}
         own = {id(p) for p in adapter.model.parameters() if id(p) not in inside and not p.is_meta}
         groups = _groups(adapter, None, None)
     else:

@@ -106,18 +106,25 @@ class Result:
         return {MASKS_FILE: self.packed.file()}
 
 
-def nonzero_non_embedding(model: nn.Module, adapter: Adapter) -> int:
+def nonzero_non_embedding(model: nn.Module, adapter: Adapter, known: dict[int, int] | None = None) -> int:
     """Nonzero entries of every parameter outside the embeddings and lm_head (tied ones once); a streamed model's
-    layers are read one at a time."""
+    layers are read one at a time, except those whose count is `known` ({layer index: nonzero entries})."""
     embed = {id(p) for p in adapter.embedding_params()}
     total, seen = 0, set(embed)
-    for layer in adapter.layers():
-        with resident(layer):
-            params = {id(p): p for p in layer.parameters() if id(p) not in seen}
-            total += sum(int(torch.count_nonzero(p)) for p in params.values())
+    for i, layer in enumerate(adapter.layers()):
+        if known is not None and i in known:
+            total += known[i]
+        else:
+            with resident(layer):
+                total += _nonzero(layer.parameters(), seen)
         seen.update(id(p) for p in layer.parameters())
-    rest = {id(p): p for p in model.parameters() if id(p) not in seen and not p.is_meta}
-    return total + sum(int(torch.count_nonzero(p)) for p in rest.values())
+    return total + _nonzero((p for p in model.parameters() if not p.is_meta), seen)
+
+
+def _nonzero(params, skip: set[int]) -> int:
+    """Nonzero entries of `params` (each once) whose id is not in `skip`."""
+    unique = {id(p): p for p in params if id(p) not in skip}
+    return sum(int(torch.count_nonzero(p)) for p in unique.values())
 
 
 @torch.no_grad()
@@ -138,6 +145,14 @@ def sparsify(model: nn.Module, adapter: Adapter, spec: Spec, windows: list[torch
         raise LopperError(f"--sparsity-criterion {spec.criterion} / --sparsity-allocation {spec.allocation} need "
                           "calibration text: the model needs tokenizer files")
     layers = list(adapter.layers())
+    embed = {id(p) for p in adapter.embedding_params()}
+    counted: dict[int, int] = {}  # nonzero entries of each layer the pass changed, counted while it is resident
+
+    def finished(i: int) -> None:
+        counted[i] = _nonzero(layers[i].parameters(), embed)
+        if after is not None:
+            after(i)
+
     dense_sq = None
     if masks is None and (spec.allocation == "owl" or (spec.criterion == "wanda" and spec.scope == "global")):
         dense_sq = input_sq(model, adapter, tg, windows, quiet)
@@ -145,16 +160,16 @@ def sparsify(model: nn.Module, adapter: Adapter, spec: Spec, windows: list[torch
         layer_targets = owl_targets(tg, dense_sq, spec, layers=layers) \
             if spec.allocation == "owl" and masks is None else {i: spec.target for i in sorted({t.layer for t in tg})}
     if masks is not None and spec.criterion != "sparsegpt":
-        keep = _each_layer(layers, tg, lambda t: masks[t.name], after)
+        keep = _each_layer(layers, tg, lambda t: masks[t.name], finished)
     elif spec.scope == "global" and not spec.nm:
         chosen = _global(layers, tg, spec, dense_sq)
-        keep = _each_layer(layers, tg, lambda t: chosen[t.name], after)
+        keep = _each_layer(layers, tg, lambda t: chosen[t.name], finished)
     elif spec.criterion == "magnitude":
         keep = _each_layer(layers, tg, lambda t: ~prune_mask(score(t.weight(), "magnitude", None),
-                                                              layer_targets[t.layer], spec), after)
+                                                              layer_targets[t.layer], spec), finished)
     else:
-        keep = _sequential(model, adapter, tg, spec, layer_targets, windows, masks, quiet, after)
-    result = Result(spec, tg, keep, layer_targets, nonzero_non_embedding(model, adapter))
+        keep = _sequential(model, adapter, tg, spec, layer_targets, windows, masks, quiet, finished)
+    result = Result(spec, tg, keep, layer_targets, nonzero_non_embedding(model, adapter, counted))
     total, zeroed = result.counts()
     log.info("sparsity: %d of %d weights in %d modules zeroed (%.4f, %s, %s)", zeroed, total, len(tg),
              zeroed / total, spec.pattern, spec.criterion)
@@ -171,8 +186,7 @@ def _each_layer(layers, tg: list[Target], mask_of, after) -> Packed:
                 k = mask_of(t).to(w.device)
                 w.mul_(k.to(w.dtype))
                 keep.add(t.name, k)
-            if after is not None:
-                after(i)
+            after(i)
     return keep
 
 
@@ -257,7 +271,7 @@ def _sequential(model, adapter, tg, spec, layer_targets, windows, masks, quiet, 
                     keep.add(t.name, k)
             if i < last:
                 xs = [call_layer(layers[i], x, layer_kwargs[b][i]) for b, x in enumerate(xs)]
-            if mods and after is not None:
+            if mods:
                 after(i)
     return keep
 
