@@ -253,3 +253,31 @@ def test_encoder_distils_pooled_embeddings_on_kept_channels(tmp_path):
     assert config["lopper_layout"] == "plan"
     model = lopper.load(str(tmp_path / "out"))
     assert model.get_input_embeddings().weight.shape[1] == 24
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_learning_rate_schedules(schedule):
+    """Warmup to the peak, then cosine to 0, or WSD: the peak held until the last --decay of the steps."""
+    from lopper.heal.args import HealArgs
+
+    args = HealArgs(model="m", out="o", text=["t"], kd_weight=0.0, lr=1.0, warmup=0.1, schedule=schedule, decay=0.2)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.AdamW([param], lr=1.0)
+    sched, rates = heal_run._scheduler(opt, args, 100, 10), []
+    for _ in range(100):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates[:10] == sorted(rates[:10]) and rates[10] == pytest.approx(1.0)
+    assert rates[-1] < 0.01
+    held = sum(r == pytest.approx(1.0) for r in rates)
+    assert held == (71 if schedule == "wsd" else 1)  # wsd: steps 10-79 held, step 80 starts the decay at 1
+    assert rates[55] == pytest.approx(0.5 if schedule == "cosine" else 1.0, abs=0.03)
+
+
+def test_decay_must_fit_after_the_warmup():
+    from lopper.errors import LopperError
+    from lopper.heal.args import HealArgs
+
+    with pytest.raises(LopperError, match="--decay"):
+        HealArgs(model="m", out="o", text=["t"], kd_weight=0.0, warmup=0.5, decay=0.6).check_group()

@@ -22,7 +22,10 @@ class HealArgs(Options):
     lr: float = arg_field(0.0, "peak learning rate (0: 1e-4, or 5e-4 with --lora)")
     batch: int = arg_field(8, "windows per process and micro-batch (global batch = batch x grad-accum x processes)")
     grad_accum: int = arg_field(1, "micro-batches per optimizer step")
-    warmup: float = arg_field(0.05, "fraction of the steps with a linear learning-rate warmup (then cosine to 0)")
+    warmup: float = arg_field(0.05, "fraction of the steps with a linear learning-rate warmup")
+    schedule: str = arg_field("cosine", "after the warmup: cosine to 0, or wsd (warmup-stable-decay: the peak held, "
+                              "then a cosine to 0 over the last --decay of the steps)", choices=("cosine", "wsd"))
+    decay: float = arg_field(0.2, "wsd: fraction of the steps in the final decay")
     weight_decay: float = arg_field(0.0, "AdamW weight decay")
     max_grad_norm: float = arg_field(1.0, "clip the gradient norm to this (0: no clipping)")
     kd_temperature: float = arg_field(1.0, "distillation temperature T")
@@ -76,6 +79,9 @@ class HealArgs(Options):
             raise LopperError(f"--seq-len {self.seq_len} is too small: use at least 2")
         if not 0.0 <= self.warmup < 1.0:
             raise LopperError(f"--warmup {self.warmup} is out of range: give a fraction of the steps, 0 <= F < 1")
+        if not 0.0 < self.decay <= 1.0 - self.warmup:
+            raise LopperError(f"--decay {self.decay} is out of range: give a fraction of the steps, 0 < F <= 1 - "
+                              f"--warmup ({1.0 - self.warmup:g})")
         if self.lr < 0:
             raise LopperError(f"--lr {self.lr} must not be negative")
         if self.eval_every and not self.eval_text:

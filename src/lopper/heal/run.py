@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -231,7 +230,7 @@ def _data(run: Run) -> None:
 
 
 def _optimizer(run: Run, model: nn.Module) -> None:
-    """Gradient checkpointing, LoRA, AdamW and the warmup-cosine schedule; everything through accelerate.prepare."""
+    """Gradient checkpointing, LoRA, AdamW and the learning-rate schedule; everything through accelerate.prepare."""
     args = run.args
     run.use_cache = getattr(model.config, "use_cache", None)
     if not args.no_gradient_checkpointing and model.supports_gradient_checkpointing:
@@ -249,7 +248,7 @@ def _optimizer(run: Run, model: nn.Module) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.peak_lr(),
                                   betas=(0.9, 0.95), weight_decay=args.weight_decay)
     run.warmup = round(args.warmup * run.steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(run.steps, run.warmup))
+    scheduler = _scheduler(optimizer, args, run.steps, run.warmup)
     run.model, run.optimizer, run.loader, run.scheduler = run.acc.prepare(model, optimizer, run.loader, scheduler)
     run.net = run.acc.unwrap_model(run.model)
 
@@ -421,7 +420,7 @@ def _heal_section(run: Run, final: nn.Module) -> dict:
         "distributed": run.acc.distributed_type.value, "device": str(run.acc.device),
         "autocast": "bfloat16" if run.bf16 else None, "seq_len": run.seq_len,
         "global_batch": run.global_batch, "steps": run.steps, "tokens_trained": run.tokens_trained,
-        "lr": args.peak_lr(), "warmup_steps": run.warmup,
+        "lr": args.peak_lr(), "schedule": args.schedule, "warmup_steps": run.warmup,
         "loss_first": _mean([v for _, v in state.losses[:k]]),
         "loss_last": _mean([v for _, v in state.losses[-k:]]),
         "loss_history": state.losses[::max(1, len(state.losses) // 100)],
@@ -473,12 +472,15 @@ def _add_lora(model, adapter, args: HealArgs):
         return get_peft_model(model, cfg)
 
 
-def _schedule(steps: int, warmup: int):
-    def factor(s: int) -> float:
-        if s < warmup:
-            return (s + 1) / (warmup + 1)
-        return 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-    return factor
+def _scheduler(optimizer, args: HealArgs, steps: int, warmup: int):
+    """Linear warmup, then cosine to 0 over the rest, or WSD (warmup-stable-decay, MiniCPM, arXiv:2404.06395): the
+    peak held until the last `--decay` of the steps, for short runs where a cosine spends most steps at a low rate."""
+    from transformers.optimization import get_cosine_schedule_with_warmup, get_wsd_schedule
+
+    if args.schedule == "wsd":
+        decay = max(1, round(args.decay * steps))
+        return get_wsd_schedule(optimizer, warmup, decay, num_stable_steps=max(0, steps - warmup - decay))
+    return get_cosine_schedule_with_warmup(optimizer, warmup, steps)
 
 
 def _checkpoints(work: Path) -> list[Path]:
