@@ -79,7 +79,7 @@ class HealArgs(Options):
             raise LopperError(f"--seq-len {self.seq_len} is too small: use at least 2")
         if not 0.0 <= self.warmup < 1.0:
             raise LopperError(f"--warmup {self.warmup} is out of range: give a fraction of the steps, 0 <= F < 1")
-        if not 0.0 < self.decay <= 1.0 - self.warmup:
+        if self.schedule == "wsd" and not 0.0 < self.decay <= 1.0 - self.warmup:
             raise LopperError(f"--decay {self.decay} is out of range: give a fraction of the steps, 0 < F <= 1 - "
                               f"--warmup ({1.0 - self.warmup:g})")
         if self.lr < 0:
