@@ -18,3 +18,24 @@ def test_loss_search_keeps_the_lowest_loss_mix(model_dir, tmp_path, family):
     best = min(candidates, key=lambda c: c["loss"])
     assert chosen["choice"]["drop_layers"] == best["drop_layers"]
     assert json.loads((tmp_path / "out" / "lopper_report.json").read_text())["plan"]["params"] == chosen
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_depth_share_sets_the_layers_of_a_params_cut(model_dir, tmp_path, share):
+    src = model_dir("llama", layers=6, heads=4, kv_heads=2, head_dim=8, mlp=64)
+    plan = lopper.plan(model=str(src), out=str(tmp_path / "plan.json"), params=0.33, depth_share=share,
+                       calib_samples=4, seq_len=16, round_to=4, quiet=True)
+    chosen = plan.meta["params"]
+    assert abs(chosen["removed"] - 0.33) <= 0.02
+    expected = 0 if share == 0.0 else 2  # round(1.0 * 0.33 * 6) layers; width makes up the rest
+    assert chosen["choice"]["drop_layers"] == expected
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(depth_share=0.5), "needs --params"),
+                                             (dict(params=0.3, depth_share=1.5), "0 <= F <= 1"),
+                                             (dict(params=0.3, depth_share=0.5, params_search="loss"),
+                                              "drop --depth-share")])
+def test_depth_share_is_checked(model_dir, kwargs, message):
+    src = model_dir("llama", layers=4, heads=4, kv_heads=2, head_dim=8, mlp=64)
+    with pytest.raises(lopper.LopperError, match=message):
+        lopper.plan(model=str(src), quiet=True, **kwargs)

@@ -226,14 +226,17 @@ def _valid_hidden(adapter: Adapter, keep: int, k: int, heads: int) -> int:
 
 
 def solve_params(model, adapter: Adapter, target: Target, stats: Stats, scores: WidthScores, frac: float,
-                 loss=None, shares: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)) -> Plan:
+                 loss=None, shares: tuple[float, ...] | None = None) -> Plan:
     """Remove `frac` of the non-embedding parameters. For each share of it given to depth (block influence), the
     rest goes to MLP width, then heads if MLP alone cannot reach it; counts are exact (each candidate is applied to
-    an empty copy). With `loss` (plan -> calibration loss), the candidate with the lowest loss wins; without it,
-    the half-depth mix for uniform widths, global_depth_share for per-layer (global) widths."""
+    an empty copy). `shares` given (--depth-share): those; else with `loss` (plan -> calibration loss) the shares
+    0-100% are tried and the lowest loss wins; without either, the half-depth mix for uniform widths,
+    global_depth_share for per-layer (global) widths."""
     n = len(adapter.layers())
     free = n - target.protect_first - target.protect_last
-    if loss is None:  # measured on ref-llama (docs/allocation.md): uniform widths do best with half the cut by depth
+    if shares is None and loss is not None:
+        shares = (0.0, 0.25, 0.5, 0.75, 1.0)
+    elif shares is None:  # best perplexity on ref-llama and SmolLM2 (docs/allocation.md); 0.75 scored higher zero-shot
         shares = (global_depth_share(frac),) if target.allocation == "global" else (0.5,)
     tried = []
     for share in shares:
