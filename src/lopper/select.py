@@ -236,7 +236,7 @@ def solve_params(model, adapter: Adapter, target: Target, stats: Stats, scores: 
     free = n - target.protect_first - target.protect_last
     if shares is None and loss is not None:
         shares = (0.0, 0.25, 0.5, 0.75, 1.0)
-    elif shares is None:  # best perplexity on ref-llama and SmolLM2 (docs/allocation.md); 0.75 scored higher zero-shot
+    elif shares is None:  # best perplexity on ref-llama and SmolLM2 (docs/allocation.md, quality_smollm2_zeroshot.md)
         shares = (global_depth_share(frac),) if target.allocation == "global" else (0.5,)
     tried = []
     for share in shares:
