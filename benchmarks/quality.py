@@ -102,7 +102,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--json", default=str(ROOT / "docs" / "quality.json"))
     p.add_argument("--doc", default=str(ROOT / "docs" / "quality.md"))
     p.add_argument("--keep", default="", help="a results JSON of the same settings: its runs of methods not in "
-                   "--methods are carried over (their code did not change), so only --methods are measured again")
+                   "--methods are carried over (their code did not change), and so is the unpruned model's perplexity and "
+                   "zero-shot, so only --methods are measured again")
     return p.parse_args()
 
 
@@ -165,8 +166,12 @@ def main() -> int:
               "machine": machine(a.device), "settings": settings(a),
               "params_non_embedding": base, "layers": n_layers, "scoring_seconds": {}, "runs": []}
     t = time.time()
-    result["baseline_perplexity"] = ppl(model)
-    if a.tasks:
+    if a.keep:  # the same model and settings: the unpruned figures carry over with the runs
+        old = json.loads(Path(a.keep).read_text())
+        result.update({k: old[k] for k in ("baseline_perplexity", "baseline_zeroshot") if k in old})
+    if "baseline_perplexity" not in result:
+        result["baseline_perplexity"] = ppl(model)
+    if a.tasks and "baseline_zeroshot" not in result:
         result["baseline_zeroshot"] = zero_shot(model)
     result["baseline_eval_seconds"] = round(time.time() - t, 1)
 
