@@ -31,8 +31,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
 def cases(args) -> list[dict]:
-    """Most telling first (a run on a busy CPU may be cut short): --params 0.25 at lopper's default depth share
-    (0.5) and MLP 0.5, uniform vs global with both normalizations, then global (raw) at other depth shares and
+    """Most telling first (a run on a busy CPU may be cut short): --params 0.25 at half the cut
+    by depth (lopper's default share when this ran; 0.75 now) and MLP 0.5, uniform vs global with both normalizations, then global (raw) at other depth shares and
     a higher --min-keep."""
     def c(cut, alloc="global", norm="raw", least=0.25, share=None):
         return {"cut": cut, "allocation": alloc, "normalize": norm, "min_keep": least,

@@ -5,7 +5,8 @@ after pruning and after each heal. Writes JSON and a Markdown table (docs/heal.m
 the machine.
 
 Each level is pruned with lopper's best retraining-free settings (docs/quality.md): least-squares repair, global
-(per-layer) widths where they win (25%), uniform widths with half the cut by depth where those win (50%).
+(per-layer) widths where they win (25%), uniform widths with the default depth share where those win (50%; half the cut by depth when docs/heal.md
+was measured, three quarters now).
 
 On a GPU, the whole budget (5M tokens):
     python benchmarks/heal.py --device cuda --tokens 5000000

@@ -15,7 +15,7 @@ At each level F of the non-embedding parameters removed (--levels, default 0.2 0
          MetaPruner, GroupMagnitudeImportance(p=2, mean), the same ratio for hidden channels, heads and MLP
          channels, round_to 4, lm_head ignored, no repair; the ratio is bisected to F;
   lopper the default command, `lopper prune MODEL --params F` with no other option: uniform widths (a standard
-         checkpoint), half the cut by depth, least-squares repair (--repair auto: each layer aimed 0.3 of the way
+         checkpoint), three quarters of the cut by depth, least-squares repair (--repair auto: each layer aimed 0.3 of the way
          at the unpruned stream, MLP channels re-chosen by greedy OBS);
          lopper-global the same with --allocation global (per-layer widths from one ranking across layers, a
          lopper layout; layers dropped only past 35%, lopper.select.global_depth_share);
@@ -72,7 +72,7 @@ METHODS = {
     "fisher": "Fisher / first-order Taylor (width)",
     "flap": "FLAP: fluctuation, global adaptive allocation, bias compensation (An et al. 2024)",
     "torch-pruning": "torch-pruning 1.6.1 MetaPruner, magnitude, hidden + MLP channels (Fang et al. 2023)",
-    "lopper": "lopper --params F (the default: uniform widths, half the cut by depth, lsq repair)",
+    "lopper": "lopper --params F (the default: uniform widths, 3/4 of the cut by depth, lsq repair)",
     "lopper-global": "lopper --params F --allocation global (per-layer widths, a lopper layout)",
     "lopper-fisher": "lopper --params F --width-metric fisher",
 }

@@ -31,6 +31,26 @@ def test_depth_share_sets_the_layers_of_a_params_cut(model_dir, tmp_path, share)
     assert chosen["choice"]["drop_layers"] == expected
 
 
+def test_default_params_cut_takes_three_quarters_by_depth(model_dir, tmp_path):
+    src = model_dir("llama", layers=8, heads=4, kv_heads=2, head_dim=8, mlp=64)
+    plan = lopper.plan(model=str(src), out=str(tmp_path / "plan.json"), params=0.33, calib_samples=4, seq_len=16,
+                       round_to=4, quiet=True)
+    chosen = plan.meta["params"]
+    assert abs(chosen["removed"] - 0.33) <= 0.02
+    assert chosen["choice"]["drop_layers"] == 2  # round(0.75 * 0.33 * 8); half by depth would drop 1
+
+
+def test_default_rule_takes_fewer_layers_where_one_layer_overshoots(model_dir, tmp_path):
+    src = model_dir("llama", layers=3, heads=4, kv_heads=2, head_dim=8, mlp=64)  # one free layer: a third of the model
+    plan = lopper.plan(model=str(src), out=str(tmp_path / "plan.json"), params=0.25, calib_samples=4, seq_len=16,
+                       round_to=4, quiet=True)
+    assert plan.meta["params"]["choice"]["drop_layers"] == 0  # round(0.75 * 0.25 * 3) = 1 would remove 33%
+    assert abs(plan.meta["params"]["removed"] - 0.25) <= 0.02
+    with pytest.raises(lopper.LopperError, match="cannot be reached"):  # an explicit share is not second-guessed
+        lopper.plan(model=str(src), out=str(tmp_path / "p2.json"), params=0.25, depth_share=1.0, calib_samples=4,
+                    seq_len=16, round_to=4, quiet=True)
+
+
 @pytest.mark.parametrize("kwargs, message", [(dict(depth_share=0.5), "needs --params"),
                                              (dict(params=0.3, depth_share=1.5), "0 <= F <= 1"),
                                              (dict(params=0.3, depth_share=0.5, params_search="loss"),

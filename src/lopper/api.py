@@ -54,12 +54,13 @@ class RemoveOptions(Options):
     experts: float = arg_field(0.0, "mixture-of-experts: fraction of each layer's experts to remove (--mlp also cuts "
                                "channels inside every kept expert)")
     plan: str = arg_field("", "replay this plan JSON instead of choosing")
-    params_search: str = arg_field("half", "how --params splits depth and width: half = half the cut by depth (none up "
-                                   "to 35%% with --allocation global); loss = try 0-100%% depth and keep the lowest "
-                                   "calibration loss (slower)", choices=("half", "loss"))
+    params_search: str = arg_field("rule", "how --params splits depth and width: rule = three quarters of the cut by "
+                                   "depth (none up to 35%% with --allocation global; --depth-share overrides); loss = "
+                                   "try 0-100%% depth and keep the lowest calibration loss (slower)",
+                                   choices=("rule", "loss"))
     depth_share: float = arg_field(-1.0, "with --params: the fraction of the cut taken as whole layers, the rest "
-                                   "as width (-1: the default rule, half for uniform widths); on SmolLM2 0.75 "
-                                   "scored higher zero-shot and 6-8%% higher perplexity (docs/"
+                                   "as width (-1: the default rule, 0.75 for uniform widths); on SmolLM2 0.5 "
+                                   "gave 6-8%% lower perplexity and a lower zero-shot average (docs/"
                                    "quality_smollm2_zeroshot.md)")
     allocation: str = arg_field("uniform", "per-layer widths: uniform (a standard checkpoint), or global (one ranking "
                                 "of each structure's units across layers; widths differ, saved in a lopper layout "
