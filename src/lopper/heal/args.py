@@ -17,7 +17,7 @@ class HealArgs(Options):
     teacher: str = arg_field("", "the original model to distil from (same tokenizer); not needed with --kd-weight 0")
     text: list[str] = files_field("training text files, tokenized as one stream", required=True)
     out: str = arg_field("", "output model folder (written atomically)", required=True)
-    tokens: int = arg_field(0, "cap on the tokens trained on (0: one pass over --text)")
+    tokens: int = arg_field(0, "tokens to train on (0: one pass over --text; more than it holds repeats it, reshuffled)")
     seq_len: int = arg_field(512, "tokens per training window (at most the model's context)")
     lr: float = arg_field(0.0, "peak learning rate (0: 1e-4, or 5e-4 with --lora)")
     batch: int = arg_field(8, "windows per process and micro-batch (global batch = batch x grad-accum x processes)")
