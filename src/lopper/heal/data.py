@@ -41,13 +41,12 @@ def windows(tokenizer, paths: list[str], seq_len: int, seed: int, cap_tokens: in
                           "more text or a smaller --seq-len")
     want = max(1, cap_tokens // seq_len) if cap_tokens else n
     chunks, have = [], 0
-    for p in range(len(stream)):  # bounded: every pass adds at least one window
-        shift = round(p * 0.618 * seq_len) % seq_len if len(stream) - seq_len >= seq_len else 0
+    while have < want:  # each pass adds at least one window
+        p = len(chunks)
+        shift = round(p * 0.618 * seq_len) % seq_len if n > 1 else 0
         k = (len(stream) - shift) // seq_len
         chunks.append(stream[shift:shift + k * seq_len].view(k, seq_len)[_order(k, seed + p)][:want - have])
         have += len(chunks[-1])
-        if have == want:
-            break
     if len(chunks) > 1:
         log.info("--tokens %d is %.2f passes over the %d tokens of --text: each pass in a new order, windows shifted",
                  cap_tokens, want * seq_len / len(stream), len(stream))
