@@ -64,7 +64,9 @@ def test_params_default_is_a_repaired_standard_checkpoint(model_dir, tmp_path):
     src = model_dir("llama", layers=6)
     r = lopper.prune(model=str(src), out=str(tmp_path / "out"), params=0.3, round_to=1, **FAST)
     assert r["standard_checkpoint"] is True
-    assert r["structures"]["layers"]["after"] < r["structures"]["layers"]["before"]  # three quarters of the cut by depth
+    assert r["plan"]["params"]["search"] == "kl"  # the depth/width mix is measured on this model
+    dropped = r["structures"]["layers"]["before"] - r["structures"]["layers"]["after"]
+    assert dropped == min(r["plan"]["params"]["candidates"], key=lambda c: c["kl"])["drop_layers"]
     saved = json.loads((tmp_path / "out" / "lopper_report.json").read_text())
     assert saved["args"]["repair"] == "lsq" and saved["plan"]["repair"] == "lsq"
     assert 0 < saved["repair_seconds"] <= saved["seconds"]  # the cost of the default, stated

@@ -1,9 +1,18 @@
-"""--params-search loss: every depth/width mix is tried at the same parameter count and the lowest loss wins."""
+"""--params-search kl (the default) and loss: depth/width mixes are cut, repaired and scored at the same parameter
+count and the lowest score wins; the walk goes outward while the best mix is at an edge; --depth-share and the
+rule decide without measuring."""
 import json
 
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lopper
+from lopper.arch import adapter_for
+from lopper.importance import collect, width_scores
+from lopper.select import SEARCH_SHARES, Target, solve_params
+from tiny import tiny_model
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
@@ -31,22 +40,54 @@ def test_depth_share_sets_the_layers_of_a_params_cut(model_dir, tmp_path, share)
     assert chosen["choice"]["drop_layers"] == expected
 
 
-def test_default_params_cut_takes_three_quarters_by_depth(model_dir, tmp_path):
+def test_default_search_keeps_the_lowest_kl_mix(model_dir, tmp_path):
     src = model_dir("llama", layers=8, heads=4, kv_heads=2, head_dim=8, mlp=64)
-    plan = lopper.plan(model=str(src), out=str(tmp_path / "plan.json"), params=0.33, calib_samples=4, seq_len=16,
-                       round_to=4, quiet=True)
+    report = lopper.prune(model=str(src), out=str(tmp_path / "out"), params=0.33, calib_samples=8, seq_len=16,
+                          round_to=4, quiet=True)
+    chosen = report["plan"]["params"]
+    assert chosen["search"] == "kl"
+    candidates = chosen["candidates"]
+    assert len({c["drop_layers"] for c in candidates}) >= 3  # a quarter, half and three quarters by depth at least
+    assert all(abs(c["removed"] - 0.33) <= 0.02 and c["kl"] >= 0 for c in candidates)
+    assert chosen["choice"]["drop_layers"] == min(candidates, key=lambda c: c["kl"])["drop_layers"]
+
+
+def test_rule_takes_half_by_depth(model_dir, tmp_path):
+    src = model_dir("llama", layers=8, heads=4, kv_heads=2, head_dim=8, mlp=64)
+    plan = lopper.plan(model=str(src), out=str(tmp_path / "plan.json"), params=0.5, params_search="rule",
+                       calib_samples=4, seq_len=16, round_to=4, quiet=True)
     chosen = plan.meta["params"]
-    assert abs(chosen["removed"] - 0.33) <= 0.02
-    assert chosen["choice"]["drop_layers"] == 2  # round(0.75 * 0.33 * 8); half by depth would drop 1
+    assert abs(chosen["removed"] - 0.5) <= 0.02
+    assert chosen["choice"]["drop_layers"] == 2  # round(0.5 * 0.5 * 8); three quarters would drop 3
+    assert "search" not in chosen and len(chosen["candidates"]) == 1
 
 
-def test_default_rule_takes_fewer_layers_where_one_layer_overshoots(model_dir, tmp_path):
+@settings(max_examples=8, deadline=None)
+@given(best=st.sampled_from(SEARCH_SHARES))
+def test_walk_reaches_the_best_share_wherever_it_is(best):
+    """A score that is lowest at one share and grows away from it: the walk must end there, having scored only the
+    middle three and the shares on the way (never the far side)."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", layers=10, heads=4, kv_heads=2, head_dim=8, mlp=64)
+    adapter = adapter_for(model)
+    ids = [torch.randint(3, 96, (1, 16)) for _ in range(2)]
+    stats = collect(model, adapter, ids, quiet=True)
+    scores = width_scores(adapter, stats, "activation")
+    frac = 0.4  # 4 of 10 layers at share 1: every share is a different layer count
+    layers_at = {round(s * frac * 10): s for s in SEARCH_SHARES}
+    p = solve_params(model, adapter, Target(round_to=4), stats, scores, frac, metric="kl",
+                     score=lambda plan: abs(layers_at[10 - len(plan.layers)] - best))
+    chosen = p.meta["params"]
+    assert layers_at[chosen["choice"]["drop_layers"]] == best
+    scored = sorted(layers_at[c["drop_layers"]] for c in chosen["candidates"])
+    i = SEARCH_SHARES.index(best)  # the middle three, and one past the best wherever it sat at an edge
+    lo, hi = (max(0, i - 1) if i <= 1 else 1), (min(4, i + 1) if i >= 3 else 3)
+    assert scored == list(SEARCH_SHARES[lo:hi + 1])
+
+
+def test_explicit_share_is_not_second_guessed(model_dir, tmp_path):
     src = model_dir("llama", layers=3, heads=4, kv_heads=2, head_dim=8, mlp=64)  # one free layer: a third of the model
-    plan = lopper.plan(model=str(src), out=str(tmp_path / "plan.json"), params=0.25, calib_samples=4, seq_len=16,
-                       round_to=4, quiet=True)
-    assert plan.meta["params"]["choice"]["drop_layers"] == 0  # round(0.75 * 0.25 * 3) = 1 would remove 33%
-    assert abs(plan.meta["params"]["removed"] - 0.25) <= 0.02
-    with pytest.raises(lopper.LopperError, match="cannot be reached"):  # an explicit share is not second-guessed
+    with pytest.raises(lopper.LopperError, match="cannot be reached"):
         lopper.plan(model=str(src), out=str(tmp_path / "p2.json"), params=0.25, depth_share=1.0, calib_samples=4,
                     seq_len=16, round_to=4, quiet=True)
 
@@ -59,3 +100,29 @@ def test_depth_share_is_checked(model_dir, kwargs, message):
     src = model_dir("llama", layers=4, heads=4, kv_heads=2, head_dim=8, mlp=64)
     with pytest.raises(lopper.LopperError, match=message):
         lopper.plan(model=str(src), quiet=True, **kwargs)
+
+
+def test_the_cut_is_logged_once_not_the_trials(model_dir, tmp_path, caplog):
+    """The search plans and cuts many candidates on copies; only the cut that is made reaches the log."""
+    src = model_dir("llama", layers=8, heads=4, kv_heads=2, head_dim=8, mlp=64)
+    with caplog.at_level("INFO", logger="lopper"):
+        lopper.plan(model=str(src), out=str(tmp_path / "warm.json"), params=0.33, calib_samples=4, seq_len=16,
+                    round_to=4, params_search="rule")  # the logger has let INFO through once before the search
+        caplog.clear()
+        report = lopper.prune(model=str(src), out=str(tmp_path / "out"), params=0.33, calib_samples=8, seq_len=16,
+                              round_to=4)
+    assert len(report["plan"]["params"]["candidates"]) >= 3
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("config.intermediate_size:") for m in lines) == 1, lines
+    assert sum(m.startswith("candidate:") for m in lines) == len(report["plan"]["params"]["candidates"])
+
+
+def test_report_times_each_phase(model_dir, tmp_path):
+    src = model_dir("llama", layers=8, heads=4, kv_heads=2, head_dim=8, mlp=64)
+    report = lopper.prune(model=str(src), out=str(tmp_path / "out"), params=0.33, calib_samples=8, seq_len=16,
+                          round_to=4, quiet=True)
+    phases = report["phases_seconds"]
+    assert {"load", "calibration", "plan", "search", "repair"} <= set(phases)
+    assert phases["search"] == report["plan"]["params"]["seconds"] > 0
+    assert all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) <= report["seconds"] + 1.0  # the phases split the run, never count a part twice

@@ -13,8 +13,10 @@ import torch
 
 from .version import __version__
 from .errors import LopperError
-from .evaluate import STREAMED_WINDOWS, calibration_loss, count_params, perplexity, planned_params, weights_size
+from .evaluate import (STREAMED_WINDOWS, calibration_loss, count_params, perplexity, planned_params,
+                       teacher_outputs, weights_size)
 from .importance import collect, width_scores
+from .layerwise import is_streamed
 from .io import (DTYPES, check_output, checkpoint_dtype, is_gguf, load_model, model_class, model_source, read_config,
                  resolve_dtype, save, staged, write_beside)
 from . import memory, stream
@@ -23,7 +25,7 @@ from .plan import Plan
 from .repair import repair
 from . import sparsity as sp
 from . import zeroshot
-from .select import Target, choose, default_round_to, solve_params
+from .select import SEARCH_FIT, SEARCH_HELD, Target, choose, default_round_to, solve_params
 from .surgery import apply, silenced
 from .text import BUILTIN, SELF, calibration_windows, generated_windows, start_token
 
@@ -54,14 +56,16 @@ class RemoveOptions(Options):
     experts: float = arg_field(0.0, "mixture-of-experts: fraction of each layer's experts to remove (--mlp also cuts "
                                "channels inside every kept expert)")
     plan: str = arg_field("", "replay this plan JSON instead of choosing")
-    params_search: str = arg_field("rule", "how --params splits depth and width: rule = three quarters of the cut by "
-                                   "depth (none up to 35%% with --allocation global; --depth-share overrides); loss = "
-                                   "try 0-100%% depth and keep the lowest calibration loss (slower)",
-                                   choices=("rule", "loss"))
+    params_search: str = arg_field("auto", "how --params splits depth and width: kl = cut and repair candidate "
+                                   "mixes (a quarter, half, three quarters of the cut by depth, further out while "
+                                   "the best is at an edge) and keep the lowest KL divergence to the unpruned model "
+                                   "on held-back calibration windows; loss = the same by cross-entropy; rule = half "
+                                   "by depth without measuring (none up to 35%% with --allocation global); auto "
+                                   "(default) = kl, except rule for --allocation global and streamed runs; "
+                                   "--depth-share overrides (docs/decisions.md)",
+                                   choices=("auto", "kl", "loss", "rule"))
     depth_share: float = arg_field(-1.0, "with --params: the fraction of the cut taken as whole layers, the rest "
-                                   "as width (-1: the default rule, 0.75 for uniform widths); on SmolLM2 0.5 "
-                                   "gave 6-8%% lower perplexity and a lower zero-shot average (docs/"
-                                   "quality_smollm2_zeroshot.md)")
+                                   "as width, instead of the search (-1: --params-search decides)")
     allocation: str = arg_field("uniform", "per-layer widths: uniform (a standard checkpoint), or global (one ranking "
                                 "of each structure's units across layers; widths differ, saved in a lopper layout "
                                 "that lopper.load() rebuilds; no better than uniform on SmolLM2: "
@@ -83,7 +87,7 @@ class RemoveOptions(Options):
             raise LopperError(f"--depth-share {self.depth_share} needs --params and a fraction 0 <= F <= 1 (-1: the "
                               "default rule)")
         if self.depth_share != -1.0 and self.params_search == "loss":
-            raise LopperError("--params-search loss tries every depth share itself: drop --depth-share")
+            raise LopperError("--params-search loss tries the depth shares itself: drop --depth-share")
         if self.plan and self.removes():
             raise LopperError("--plan replays a plan as it is: drop the other selection options (--params/"
                               "--drop-layers/--heads/--mlp/--hidden/--experts)")
@@ -222,6 +226,17 @@ class Selection(ModelOptions, RemoveOptions, SpeedOptions, ScoringOptions, Repai
         sp.check_args(self)
         if self.stream == "on" and self.not_streamed():
             raise LopperError(f"--stream on cannot stream {self.not_streamed()}: drop it, or use --stream off")
+
+    def mix_search(self, streamed: bool) -> str:
+        """How a --params cut splits depth and width in this run: "share" (--depth-share), "rule", "kl" or "loss".
+        auto is kl, but rule for --allocation global (its rule was measured against the loss search,
+        select.global_depth_share; kl was not) and for a streamed model (no copy per candidate)."""
+        if self.depth_share != -1.0:
+            return "share"
+        search = self.params_search
+        if search == "auto":
+            search = "rule" if self.allocation == "global" else "kl"
+        return "rule" if streamed else search
 
     def not_streamed(self) -> str:
         """The options that the layer-streamed path (stream.py) does not take yet, or ''."""
@@ -373,29 +388,49 @@ def make_plan(args: Selection, model, adapter, windows: list[torch.Tensor] | Non
     else:
         scores = width_scores(adapter, stats, "magnitude" if args.width_metric == "fisher" else args.width_metric)
     if args.params:
-        loss = _candidate_loss(args, model, adapter, windows) if args.params_search == "loss" else None
-        shares = (args.depth_share,) if args.depth_share != -1.0 else None
-        return solve_params(model, adapter, target, stats, scores, args.params, loss=loss, shares=shares)
+        return _solve_params(args, model, adapter, target, stats, scores, windows)
     if args.target_speedup:
         from . import latency
-        loss = _candidate_loss(args, model, adapter, windows) if args.params_search == "loss" else None
+        loss = candidate_score(args, model, adapter, windows) if args.params_search == "loss" else None
         timer = latency.prefill_timer(args.speed_batch, args.speed_len, args.device)
         return latency.solve_speedup(model, adapter, target, stats, scores, args.target_speedup, timer, loss=loss)
     return choose(adapter, target, stats, scores)
 
 
-def _candidate_loss(args: Selection, model, adapter, windows: list[torch.Tensor]):
-    """plan -> loss of the model cut (and repaired, if asked) by that plan, on the last quarter of the calibration
-    windows (the rest fit the repair). Each candidate is tried on a copy of the model."""
-    cut = max(1, len(windows) * 3 // 4)
-    fit, held = windows[:cut], windows[cut:] or windows
-    reference = None
-    if not hasattr(model, "lm_head"):
-        with torch.no_grad():
-            reference = [model(input_ids=w.to(next(model.parameters()).device)).last_hidden_state.float().mean(1)
-                         for w in held]
+def _solve_params(args: Selection, model, adapter, target: Target, stats, scores, windows) -> Plan:
+    """--params: the depth share given (--depth-share), the rule, or the measured search (kl, loss): mix_search."""
+    streamed = any(is_streamed(layer) for layer in adapter.layers())
+    search = args.mix_search(streamed)
+    if search == "share":
+        return solve_params(model, adapter, target, stats, scores, args.params, shares=(args.depth_share,))
+    if search == "rule":
+        if args.mix_search(False) != "rule":
+            log.info("--params-search %s needs a copy of the model per candidate: a streamed run takes the rule",
+                     args.mix_search(False))
+        return solve_params(model, adapter, target, stats, scores, args.params)
+    t = time.time()
+    p = solve_params(model, adapter, target, stats, scores, args.params, metric=search,
+                     score=candidate_score(args, model, adapter, windows, search))
+    p.meta["params"]["seconds"] = round(time.time() - t, 1)
+    choice = p.meta["params"]["choice"]
+    log.info("--params %s: %d layers dropped and the rest by width, the lowest %s of %d candidates (%.0f s)",
+             args.params, choice["drop_layers"], search, len(p.meta["params"]["candidates"]),
+             p.meta["params"]["seconds"])
+    return p
 
-    def loss(p: Plan) -> float:
+
+def candidate_score(args: Selection, model, adapter, windows: list[torch.Tensor], metric: str = "loss"):
+    """plan -> how far the model cut (and repaired, as the run will be) by that plan is from the unpruned model,
+    on held-back calibration windows: `kl`, the mean per-token KL(unpruned || cut) of the next-token
+    distributions; `loss`, the mean cross-entropy on the windows' own tokens (encoders: 1 - cosine of the pooled
+    outputs, either way). The repair fits the first SEARCH_FIT windows (at most three quarters), the score reads
+    the last SEARCH_HELD (the rest), so a search costs a short repair per candidate. Each candidate is tried on a
+    copy of the model."""
+    cut = min(SEARCH_FIT, max(1, len(windows) * 3 // 4))
+    fit, held = windows[:cut], windows[cut:][-SEARCH_HELD:] or windows
+    reference = teacher_outputs(model, held, log_probs=metric == "kl")
+
+    def score(p: Plan) -> float:
         trial, p = copy.deepcopy(model), copy.deepcopy(p)  # the repair may re-choose the candidate's channels
         trial_adapter = type(adapter)(trial)
         with silenced():
@@ -404,7 +439,7 @@ def _candidate_loss(args: Selection, model, adapter, windows: list[torch.Tensor]
             apply(trial, trial_adapter, p)
         return calibration_loss(trial, held, reference)
 
-    return loss
+    return score
 
 
 def run_repair(args: Selection, model, adapter, p: Plan, windows: list[torch.Tensor], quiet: bool,
@@ -451,12 +486,17 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     t0 = time.time()
     config = read_config(source)
     saved_dtype = checkpoint_dtype(config)  # a GGUF's: io.gguf_dtype
+    phases = Phases()
     model, tok, adapter, estimate, streamed = load_for(args, source, config, f"pruning {source}")
+    phases.lap("load")
     args = replace(resolve_repair(args, tok), calib=default_calib(args, model, tok, streamed))
     before = {**count_params(model, adapter), "structures": structures(adapter)}
     ppl_before = _maybe_ppl(model, tok, args)
+    phases.lap("perplexity_before")
     windows = calibration(args, model, tok)
+    phases.lap("calibration")
     p = make_plan(args, model, adapter, windows)
+    phases.lap("plan", ("search", p.meta.get("params", {}).get("seconds", 0.0)))
     p.meta["source"] = source
     p.meta["repair"] = args.repair
     t_repair = time.time()
@@ -485,10 +525,29 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
         out = save(model, args.out, source=source, tokenizer=tok, plan=p, report=report, dtype=saved_dtype,
                    force=args.force, files=sparse.files() if sparse else None)
     report["size_bytes_after"] = weights_size(out)
+    report["phases_seconds"] = phases.lap("cut_save_evaluate", ("repair", report["repair_seconds"]))
     if Path(source).exists():  # a folder, or a .gguf file
         report["size_bytes_before"] = weights_size(source)
     (out / "lopper_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+class Phases(dict):
+    """Seconds of each phase of a run, for the report: lap(name) closes the phase that ran since the last lap;
+    `part` (name, seconds): a part of it timed inside (the --params search within planning, the repair within
+    the cut), reported under its own name and not counted twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.clock = time.time()
+
+    def lap(self, name: str, part: tuple[str, float] | None = None) -> dict:
+        now, (inner, seconds) = time.time(), part or ("", 0.0)
+        self[name] = round(now - self.clock - seconds, 2)
+        if seconds:
+            self[inner] = round(seconds, 2)
+        self.clock = now
+        return dict(self)
 
 
 def load_for(args: Selection, source: str, config, what: str):
@@ -621,7 +680,8 @@ def memory_estimate(args: Selection, source: str, config, streamed: bool = False
         shape, dtype=resolve_dtype(args.dtype, args.device), device=args.device, checkpoint_bytes=on_disk,
         samples=args.calib_samples, seq_len=args.seq_len, repair=args.repair != "none",
         correct=args.repair_correct, sparsegpt=spec.active and spec.criterion == "sparsegpt",
-        search=args.params_search == "loss" and bool(args.params or args.target_speedup),
+        search=(bool(args.params) and args.mix_search(streamed) in ("kl", "loss"))
+        or (bool(args.target_speedup) and args.params_search == "loss"),
         all_pairs=args.layer_metric == "angular", streamed=streamed, sparse=spec.active,
         fisher=args.width_metric == "fisher")
 

@@ -90,15 +90,33 @@ def _streamed_logits(model: nn.Module, adapter: Adapter, ids: list[torch.Tensor]
 
 
 @torch.no_grad()
+def teacher_outputs(model: nn.Module, windows: list[torch.Tensor], log_probs: bool) -> list[torch.Tensor] | None:
+    """What calibration_loss compares a cut model with: for encoders the unpruned model's mean-pooled outputs
+    [1, hidden]; for causal LMs with `log_probs` its next-token log-probabilities [L, vocab] (float16: 2 bytes an
+    entry, and an error of a few 1e-3 on the log of a probability moves a KL in its fourth digit); else None."""
+    device = next(model.parameters()).device
+    if not hasattr(model, "lm_head"):
+        return [model(input_ids=w.to(device)).last_hidden_state.float().mean(1) for w in windows]
+    if not log_probs:
+        return None
+    return [model(input_ids=w.to(device)).logits[0].float().log_softmax(-1).half() for w in windows]
+
+
+@torch.no_grad()
 def calibration_loss(model: nn.Module, windows: list[torch.Tensor], reference: list[torch.Tensor] | None = None):
-    """Mean next-token cross-entropy over the windows (causal LMs), or, with `reference` (the unpruned model's
-    mean-pooled outputs), mean 1 - cosine of the pooled outputs (encoders)."""
+    """Mean over the windows of: without `reference`, next-token cross-entropy (causal LMs); with the unpruned
+    model's log-probabilities [L, vocab] (teacher_outputs), the per-token KL(unpruned || this model); with its
+    mean-pooled outputs [1, hidden] (encoders), 1 - cosine of the pooled outputs."""
     device = next(model.parameters()).device
     total = 0.0
     for k, ids in enumerate(windows):
         out = model(input_ids=ids.to(device))
         if reference is None:
             total += torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), ids[0, 1:].to(device)).item()
+        elif hasattr(out, "logits"):
+            teacher = reference[k].to(device).float()
+            student = out.logits[0].float().log_softmax(-1)
+            total += (teacher.exp() * (teacher - student)).sum(-1).mean().item()
         else:
             pooled = out.last_hidden_state.float().mean(1)
             total += 1 - torch.nn.functional.cosine_similarity(pooled, reference[k].to(device)).mean().item()

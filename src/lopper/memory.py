@@ -15,7 +15,8 @@ The in-memory path holds the whole model at the compute dtype all along; on top 
   by hand when streamed), one layer's recomputed activations (about 4 x [L, I] and 4 x [L, hidden] with their
   gradients), the logits [L, vocab] in float32 with their softmax and gradient, and the largest weight's gradient
   (the embedding's, [vocab, hidden]), all float32;
-- --params-search loss: a second copy of the model per candidate.
+- --params-search kl or loss (the default kl): a second copy of the model per candidate, its repair on
+  SEARCH_FIT windows, and with kl the unpruned model's log-probabilities on SEARCH_HELD windows, float16.
 The estimate is weights + the largest phase + the runtime (torch and Python, about 0.5 GB on CPU). Measured on
 the issue's 0.72B random Llama (hidden 2560, 8 layers, bf16 checkpoint of 1.44 GB, 8 x 256 calibration tokens,
 --repair lsq, CPU float32): 5.42 GB peak resident, against 4.86 GB from this rule. Planning accuracy, not a
@@ -29,6 +30,7 @@ import torch
 
 from .errors import LopperError
 from .io import empty_model
+from .select import SEARCH_FIT, SEARCH_HELD
 
 GB = 10 ** 9
 RUNTIME_CPU = GB // 2
@@ -76,7 +78,8 @@ def estimate_prune(shape: dict, *, dtype: torch.dtype, device: str, checkpoint_b
         "repair": ((4 if correct > 0 else 1) * n * L * h * size + (shape["mlp"] + 1) ** 2 * 20) if repair else 0,
         "sparsity": (4 * (2 * h * h + shape["attention"] ** 2 + shape["mlp"] ** 2) if sparsegpt else 0)
         + (shape["layers"] * shape["layer_params"] // 8 if sparse or sparsegpt else 0),
-        "search": weights if search else 0,
+        "search": weights + ((4 if correct > 0 else 1) * min(n, SEARCH_FIT) * L * h * size if repair else 0)
+        + SEARCH_HELD * L * shape["vocab"] * 2 if search else 0,
         "fisher": 4 * (seq_len * (shape["layers"] + 1) * h + 8 * seq_len * (shape["mlp"] + h)
                        + 3 * seq_len * shape["vocab"] + shape["vocab"] * h) if fisher else 0,
     }
@@ -108,7 +111,7 @@ def check_fits(estimate: dict, device: str, what: str, first: str | None = None)
              "--dtype bfloat16 (half the weights)" if estimate["weights_bytes"] and device == "cpu" else None,
              "fewer --calib-samples" if estimate["largest_phase"] in ("repair", "calibration") else None,
              "--repair none" if estimate["largest_phase"] == "repair" else None,
-             "--params-search half" if estimate["largest_phase"] == "search" else None]
+             "--params-search rule" if estimate["largest_phase"] == "search" else None]
     raise LopperError(f"{what} needs about {estimate['peak_bytes'] / GB:.1f} GB on {device} (weights "
                       f"{estimate['weights_bytes'] / GB:.1f} GB + {estimate['largest_phase']} "
                       f"{estimate['phases_bytes'][estimate['largest_phase']] / GB:.1f} GB), but {have / GB:.1f} GB "

@@ -6,7 +6,9 @@ with allocation "global" chosen per layer from one ranking across layers (alloca
 """
 from __future__ import annotations
 
+import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -17,6 +19,8 @@ from .arch import Adapter
 from .errors import LopperError
 from .importance import Stats, WidthScores, block_angular, block_influence
 from .plan import Plan, identity_plan
+
+log = logging.getLogger("lopper")
 
 
 @dataclass
@@ -226,41 +230,83 @@ def _valid_hidden(adapter: Adapter, keep: int, k: int, heads: int) -> int:
 
 
 def solve_params(model, adapter: Adapter, target: Target, stats: Stats, scores: WidthScores, frac: float,
-                 loss=None, shares: tuple[float, ...] | None = None) -> Plan:
+                 score=None, shares: tuple[float, ...] | None = None, metric: str = "loss") -> Plan:
     """Remove `frac` of the non-embedding parameters. For each share of it given to depth (block influence), the
     rest goes to MLP width, then heads if MLP alone cannot reach it; counts are exact (each candidate is applied to
-    an empty copy). `shares` given (--depth-share): those; else with `loss` (plan -> calibration loss) the shares
-    0-100% are tried and the lowest loss wins; without either, UNIFORM_DEPTH_SHARE for uniform widths,
-    global_depth_share for per-layer (global) widths, and where whole layers are too coarse for that share (a few
-    layers, each a large part of the model) the nearest layer count that reaches `frac`."""
+    an empty copy). `shares` given (--depth-share): those. Else with `score` (plan -> a number, lower is better,
+    recorded under `metric`), the shares of SEARCH_SHARES are walked: the middle three first, then outward while
+    the best is at an edge, so a model that wants more width or more depth gets it; the lowest wins. Without
+    either, UNIFORM_DEPTH_SHARE for uniform widths, global_depth_share for per-layer (global) widths, and where
+    whole layers are too coarse for that share (a few layers, each a large part of the model) the nearest layer
+    count that reaches `frac`."""
     n = len(adapter.layers())
     free = n - target.protect_first - target.protect_last
 
     def count(share: float) -> int:
         return max(0, min(free, round(share * frac * n)))
 
-    rule = shares is None and loss is None
-    if rule:
-        start = count(global_depth_share(frac) if target.allocation == "global" else UNIFORM_DEPTH_SHARE)
-        counts = sorted(range(free + 1), key=lambda k: (abs(k - start), k))
-    else:
-        counts = list(dict.fromkeys(count(s) for s in (shares or (0.0, 0.25, 0.5, 0.75, 1.0))))
-    tried = []
-    for layers in counts:
+    def candidate(layers: int, share: float | None = None) -> dict | None:
         got, p = _fill_width(model, adapter, Target(**{**vars(target), "drop_layers": layers}), stats, scores, frac)
         if abs(got - frac) > 0.02:
-            continue  # this much depth overshoots, or width cannot make up the rest
-        tried.append({"drop_layers": layers, "removed": round(got, 4), "plan": p,
-                      "loss": None if loss is None else loss(p)})
-        if rule:
-            break
+            return None  # this much depth overshoots, or width cannot make up the rest
+        return {"depth_share": share, "drop_layers": layers, "removed": round(got, 4), "plan": p}
+
+    if shares is None and score is None:
+        start = count(global_depth_share(frac) if target.allocation == "global" else UNIFORM_DEPTH_SHARE)
+        tried = next(([c] for k in sorted(range(free + 1), key=lambda k: (abs(k - start), k))
+                      if (c := candidate(k))), [])
+    elif score is None:
+        tried = [c for s in shares if (c := candidate(count(s), s))]
+    else:
+        tried = _walk(lambda s: candidate(count(s), s), score, metric)
     if not tried:
         raise LopperError(f"--params {frac} cannot be reached with these protections and widths: lower it")
-    best = min(tried, key=lambda c: (c["loss"] if c["loss"] is not None else 0.0))
+    best = min(tried, key=lambda c: c.get(metric, 0.0))
     p = best["plan"]
     p.meta["params"] = {"target": frac, "removed": best["removed"], "choice": p.meta["target"],
                         "candidates": [{k: v for k, v in c.items() if k != "plan"} for c in tried]}
+    if score is not None:
+        p.meta["params"]["search"] = metric
     return p
+
+
+SEARCH_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
+# A candidate's repair fits SEARCH_FIT calibration windows and its score reads SEARCH_HELD others: a quarter of the
+# default run's repair per candidate (docs/decisions.md: the ranking this gives against WikiText-2 perplexity).
+SEARCH_FIT, SEARCH_HELD = 16, 8
+
+
+def _walk(candidate, score, metric: str) -> list[dict]:
+    """Score the candidates of SEARCH_SHARES[1:4], then step outward from the best while it sits at the edge of
+    what was scored; shares that give the same layer count are scored once."""
+    done: dict[int, dict | None] = {}
+    by_layers: dict[int, dict] = {}
+
+    def visit(i: int) -> None:
+        c = candidate(SEARCH_SHARES[i])
+        if c is not None and c["drop_layers"] in by_layers:
+            c = by_layers[c["drop_layers"]]
+        elif c is not None:
+            t = time.time()
+            c[metric] = score(c["plan"])
+            c["seconds"] = round(time.time() - t, 1)
+            by_layers[c["drop_layers"]] = c
+            log.info("candidate: %d layers dropped, %s removed, %s %.4f", c["drop_layers"], c["removed"], metric,
+                     c[metric])
+        done[i] = c
+
+    for i in (1, 2, 3):
+        visit(i)
+    while True:
+        scored = {i: c for i, c in done.items() if c is not None}
+        if not scored:
+            break
+        best = min(scored, key=lambda i: scored[i][metric])
+        step = -1 if best == min(done) else 1 if best == max(done) else 0
+        if not step or not 0 <= best + step < len(SEARCH_SHARES) or best + step in done:
+            break
+        visit(best + step)
+    return sorted(by_layers.values(), key=lambda c: c["drop_layers"])
 
 
 def global_depth_share(frac: float) -> float:
@@ -276,12 +322,11 @@ def global_depth_share(frac: float) -> float:
 
 GLOBAL_DEPTH_FROM, DEPTH_SLOPE = 0.35, 1.25
 
-# Three quarters of a uniform --params cut go to whole layers. On SmolLM2-135M (lm-eval, 500 examples a task) it gave
-# the best zero-shot average of every method at 25% and 50% (0.351, 0.304), where half by depth (0.342, 0.298) fell
-# behind Fisher width and ShortGPT at 25%; it costs 6-8% perplexity there (63.25 against 59.45; 139.73 against
-# 129.12) and 1-3% on ref-llama, and drops more layers, the cut serving engines turn into time most directly.
-# docs/quality_smollm2_zeroshot.md.
-UNIFORM_DEPTH_SHARE = 0.75
+# The rule (--params-search rule, and streamed runs, which cannot copy the model per candidate): half of a uniform
+# --params cut goes to whole layers. Half gave the lower perplexity against three quarters on all three models
+# measured (SmolLM2-135M, ref-llama and a held-out model), and the zero-shot difference on SmolLM2 was inside one
+# standard error. docs/decisions.md.
+UNIFORM_DEPTH_SHARE = 0.5
 
 
 def _fill_width(model, adapter: Adapter, t: Target, stats: Stats, scores: WidthScores, frac: float):

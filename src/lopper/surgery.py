@@ -21,11 +21,12 @@ log = logging.getLogger("lopper")
 @contextmanager
 def silenced():
     """Mute surgery's `old -> new` log while trying candidate plans on copies."""
-    level, log.level = log.level, logging.ERROR
+    level = log.level
+    log.setLevel(logging.ERROR)  # setLevel, not the attribute: the logger caches what it has let through
     try:
         yield
     finally:
-        log.level = level
+        log.setLevel(level)
 
 
 def removed_cuts(adapter: Adapter, plan: Plan) -> dict[tuple[nn.Module, int], torch.Tensor]:

@@ -1,0 +1,165 @@
+"""Does the --params search pick the mix that generalises? (not run in CI) For one model and level, every depth share
+of lopper.select.SEARCH_SHARES is planned as `lopper prune MODEL --params F --depth-share S` would plan it, scored
+as the search scores it (KL and cross-entropy on held-back calibration windows after a short repair), then cut
+and repaired as the real run is (all calibration windows) and measured on WikiText-2 raw test, window by window,
+so that differences between mixes are paired over the same windows and carry a standard error.
+
+    python benchmarks/mix.py --model /tmp/smollm2 --params 0.25 --json docs/mix_smollm2_25.json
+    python benchmarks/mix.py --render docs/mix_smollm2_25.json     # the Markdown table beside it, from the JSON
+
+The model is loaded once (float32, CPU), calibrated once (lopper's defaults: 64 x 256 self-generated tokens),
+scored once; each candidate is cut on a copy.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import transformers
+
+from lopper.api import PruneArgs, candidate_score, calibration, resolve_repair, run_repair
+from lopper.evaluate import count_params
+from lopper.importance import collect, width_scores
+from lopper.io import load_model
+from lopper.select import SEARCH_SHARES, default_round_to, solve_params
+from lopper.surgery import apply, silenced
+from lopper.text import read_text, token_stream
+
+ROOT = Path(__file__).resolve().parent.parent
+WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="")
+    p.add_argument("--render", default="", help="write the Markdown of this JSON result beside it, and stop")
+    p.add_argument("--params", type=float, default=0.25)
+    p.add_argument("--shares", type=float, nargs="+", default=list(SEARCH_SHARES))
+    p.add_argument("--windows", type=int, default=80, help="WikiText-2 test windows of --seq-len tokens")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--json", default="")
+    a = p.parse_args()
+    if not a.render and not (a.model and a.json):
+        p.error("give --model and --json (or --render RESULT.json)")
+    return a
+
+
+@torch.no_grad()
+def window_nll(model, ids: list[torch.Tensor]) -> list[float]:
+    """Mean next-token negative log-likelihood of each window."""
+    out = []
+    for x in ids:
+        logits = model(input_ids=x).logits[0, :-1].float()
+        out.append(torch.nn.functional.cross_entropy(logits, x[0, 1:]).item())
+    return out
+
+
+def paired(a: list[float], b: list[float]) -> dict:
+    """Mean of a - b over the windows and its standard error (log perplexity: exp(mean) is the ratio)."""
+    d = [x - y for x, y in zip(a, b)]
+    return {"mean": statistics.fmean(d), "stderr": statistics.stdev(d) / math.sqrt(len(d))}
+
+
+def render(path: str) -> None:
+    r = json.loads(Path(path).read_text())
+    w = r["wikitext"]
+    lines = [f"# Depth/width mix at {r['params']:.0%}: {r['model']}", "",
+             f"`{r['command']}`", "",
+             f"Calibration {r['calibration']}; WikiText-2 raw test, first {w['windows']} x {w['seq_len']} tokens; "
+             f"unpruned perplexity {w['unpruned_perplexity']:.2f}. kl / loss: what `--params-search kl` / `loss` "
+             "score (after a repair on 16 calibration windows, on 8 others); perplexity: the candidate cut and "
+             "repaired as `lopper prune` does. Paired difference: mean over the windows of the per-window log "
+             "perplexity minus the best candidate's, with its standard error.", "",
+             "| depth share | layers dropped | MLP kept | removed | kl | loss | WikiText-2 | paired vs best (stderr) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in r["candidates"]:
+        if "nll" not in c:
+            lines.append(f"| {c['depth_share']} | - | - | - | - | - | {c['error']} | |")
+            continue
+        d = c["vs_best_log_ppl"]
+        lines.append(f"| {c['depth_share']} | {c['drop_layers']} | {c['widths'].get('mlp', '-')} | "
+                     f"{c['removed']:.2%} | {c['kl']:.4f} | {c['loss']:.4f} | {c['perplexity']:.2f} | "
+                     f"{d['mean']:+.4f} ({d['stderr']:.4f}) |")
+    m = r["machine"]
+    lines += ["", f"Best on WikiText-2: share {r['best_on_wikitext']}; the kl search picks "
+              f"{r['search_picks']['kl']}, the loss search {r['search_picks']['loss']} (over every share here; the "
+              "search itself walks from the middle three). "
+              f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, transformers {m['transformers']}; "
+              f"{r['seconds']:.0f} s.", ""]
+    Path(path).with_suffix(".md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    a = parse()
+    if a.render:
+        return render(a.render)
+    torch.manual_seed(0)
+    t0 = time.time()
+    model, tok, adapter = load_model(a.model)
+    args = resolve_repair(PruneArgs(model=a.model, out="unused", params=a.params, quiet=True), tok)
+    args = replace(args, calib="self")
+    windows = calibration(args, model, tok)
+    stats = collect(model, adapter, windows, quiet=True)
+    scores = width_scores(adapter, stats, args.width_metric)
+    target = args.target()
+    target.round_to = default_round_to(adapter.hidden_size())
+    stream = token_stream(tok, read_text(WIKI, "--text"))
+    test = [stream[k * a.seq_len:(k + 1) * a.seq_len][None] for k in range(a.windows)]
+    base = window_nll(model, test)
+    kl, ce = candidate_score(args, model, adapter, windows, "kl"), candidate_score(args, model, adapter, windows)
+    rows = []
+    for share in a.shares:
+        t = time.time()
+        try:
+            plan = solve_params(model, adapter, replace(target), stats, scores, a.params, shares=(share,))
+        except Exception as e:  # a share this model's layers cannot reach
+            rows.append({"depth_share": share, "error": str(e)})
+            continue
+        row = {"depth_share": share, "drop_layers": plan.meta["params"]["choice"]["drop_layers"],
+               "removed": plan.meta["params"]["removed"], "kl": kl(plan), "loss": ce(plan)}
+        row["search_seconds"] = round(time.time() - t, 1)
+        trial, p = copy.deepcopy(model), copy.deepcopy(plan)
+        trial_adapter = type(adapter)(trial)
+        with silenced():
+            run_repair(args, trial, trial_adapter, p, windows, quiet=True)
+            apply(trial, trial_adapter, p)
+        row["widths"] = {k: v for k, v in trial_adapter.layer_widths(trial_adapter.layers()[0]).items()}
+        row["params_non_embedding"] = count_params(trial, trial_adapter)["params_non_embedding"]
+        row["nll"] = window_nll(trial, test)
+        row["perplexity"] = math.exp(statistics.fmean(row["nll"]))
+        row["seconds"] = round(time.time() - t, 1)
+        print(f"share {share}: {row['drop_layers']} layers, kl {row['kl']:.4f}, loss {row['loss']:.4f}, "
+              f"wikitext {row['perplexity']:.2f} ({row['seconds']} s)", flush=True)
+        rows.append(row)
+        del trial
+    ok = [r for r in rows if "nll" in r]
+    best = min(ok, key=lambda r: r["perplexity"])
+    for r in ok:
+        r["vs_best_log_ppl"] = paired(r["nll"], best["nll"])
+    picked = {m: min(ok, key=lambda r: r[m])["depth_share"] for m in ("kl", "loss")}
+    result = {
+        "command": "python benchmarks/mix.py " + " ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, list)
+                                                          else f"--{k} " + " ".join(map(str, v))
+                                                          for k, v in vars(a).items()),
+        "model": a.model, "params": a.params, "calibration": f"{len(windows)} x {windows[0].shape[1]} self-generated",
+        "wikitext": {"windows": a.windows, "seq_len": a.seq_len, "unpruned_perplexity": math.exp(statistics.fmean(base))},
+        "unpruned_nll": base, "candidates": rows, "best_on_wikitext": best["depth_share"], "search_picks": picked,
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "transformers": transformers.__version__},
+        "seconds": round(time.time() - t0, 1),
+    }
+    Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
+    render(a.json)
+    print(json.dumps({k: v for k, v in result.items() if k not in ("candidates", "unpruned_nll")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
