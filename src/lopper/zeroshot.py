@@ -211,9 +211,11 @@ def load_tasks(manager, names: list[str], task_data: str) -> None:
 
 
 def run(model, tokenizer, names: list[str], task_data: str = "", limit: int = 0, batch: int = 1,
-        quiet: bool = False) -> dict:
+        quiet: bool = False, per_example: bool = False) -> dict:
     """lm_eval.simple_evaluate on lm-eval's tasks (local data with `task_data`), the model wrapped in lm-eval's
-    HFLM as it is (lopper's layouts included); returns per task the metrics with stderr, n and the average."""
+    HFLM as it is (lopper's layouts included); returns per task the metrics with stderr, n and the average. With
+    `per_example`, also each task's main metric per example in document order ("per_example": {task: [0/1, ...]}),
+    so that two models scored on the same examples can be compared pairwise."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -229,9 +231,14 @@ def run(model, tokenizer, names: list[str], task_data: str = "", limit: int = 0,
         # lm-eval's progress bars take no switch (tqdm reads TQDM_DISABLE at import): quiet sends them nowhere
         with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
             out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit or None,
-                                          log_samples=False)
-    return {**summarize(out, names), "limit": limit or None, "task_data": task_data or None, "batch": batch,
-            "seconds": round(time.time() - t0, 2), "lm_eval_version": lm_eval.__version__}
+                                          log_samples=per_example)
+    result = {**summarize(out, names), "limit": limit or None, "task_data": task_data or None, "batch": batch,
+              "seconds": round(time.time() - t0, 2), "lm_eval_version": lm_eval.__version__}
+    if per_example:
+        result["per_example"] = {task: [float(d[result["tasks"][task]["main"]]) for d in
+                                        sorted(docs, key=lambda d: d["doc_id"])]
+                                 for task, docs in out["samples"].items() if result["tasks"][task]["main"]}
+    return result
 
 
 def summarize(out: dict, names: list[str]) -> dict:
