@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 import transformers
 
-from lopper.api import PruneArgs, candidate_score, calibration, resolve_repair, run_repair
-from lopper.evaluate import count_params
+from lopper.api import PruneArgs, calibration, candidate_score, resolve_repair, run_repair
+from lopper.evaluate import calibration_loss, count_params, teacher_outputs
 from lopper.importance import collect, width_scores
 from lopper.io import load_model
-from lopper.select import SEARCH_SHARES, default_round_to, solve_params
+from lopper.select import SEARCH_HELD, SEARCH_SHARES, default_round_to, solve_params
 from lopper.surgery import apply, silenced
 from lopper.text import read_text, token_stream
 
@@ -46,6 +46,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--windows", type=int, default=80, help="WikiText-2 test windows of --seq-len tokens")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--json", default="")
+    p.add_argument("--keep", default="", help="an earlier result of the same model and level: its candidates' "
+                   "search scores and WikiText-2 figures are carried over (the same calibration gives the same cut)")
     a = p.parse_args()
     if not a.render and not (a.model and a.json):
         p.error("give --model and --json (or --render RESULT.json)")
@@ -75,22 +77,25 @@ def render(path: str) -> None:
              f"`{r['command']}`", "",
              f"Calibration {r['calibration']}; WikiText-2 raw test, first {w['windows']} x {w['seq_len']} tokens; "
              f"unpruned perplexity {w['unpruned_perplexity']:.2f}. kl / loss: what `--params-search kl` / `loss` "
-             "score (after a repair on 16 calibration windows, on 8 others); perplexity: the candidate cut and "
-             "repaired as `lopper prune` does. Paired difference: mean over the windows of the per-window log "
+             "score (after a repair on 16 calibration windows, on 8 others); kl full: the KL of the candidate cut "
+             "and repaired as `lopper prune` does (all calibration windows) on 8 further self-generated windows; "
+             "perplexity: that same model. Paired difference: mean over the windows of the per-window log "
              "perplexity minus the best candidate's, with its standard error.", "",
-             "| depth share | layers dropped | MLP kept | removed | kl | loss | WikiText-2 | paired vs best (stderr) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| depth share | layers dropped | MLP kept | removed | kl | loss | kl full | WikiText-2 | paired vs best "
+             "(stderr) |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c in r["candidates"]:
         if "nll" not in c:
-            lines.append(f"| {c['depth_share']} | - | - | - | - | - | {c['error']} | |")
+            lines.append(f"| {c['depth_share']} | - | - | - | - | - | - | {c['error']} | |")
             continue
         d = c["vs_best_log_ppl"]
         lines.append(f"| {c['depth_share']} | {c['drop_layers']} | {c['widths'].get('mlp', '-')} | "
-                     f"{c['removed']:.2%} | {c['kl']:.4f} | {c['loss']:.4f} | {c['perplexity']:.2f} | "
+                     f"{c['removed']:.2%} | {c['kl']:.4f} | {c['loss']:.4f} | {c.get('kl_full', float('nan')):.4f} | "
+                     f"{c['perplexity']:.2f} | "
                      f"{d['mean']:+.4f} ({d['stderr']:.4f}) |")
     m = r["machine"]
     lines += ["", f"Best on WikiText-2: share {r['best_on_wikitext']}; the kl search picks "
-              f"{r['search_picks']['kl']}, the loss search {r['search_picks']['loss']} (over every share here; the "
+              f"{r['search_picks']['kl']}, the loss search {r['search_picks']['loss']}, kl full "
+              f"{r['search_picks'].get('kl_full', '-')} (over every share here; the "
               "search itself walks from the middle three). "
               f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, transformers {m['transformers']}; "
               f"{r['seconds']:.0f} s.", ""]
@@ -106,14 +111,17 @@ def main() -> None:
     model, tok, adapter = load_model(a.model)
     args = resolve_repair(PruneArgs(model=a.model, out="unused", params=a.params, quiet=True), tok)
     args = replace(args, calib="self")
-    windows = calibration(args, model, tok)
+    windows = calibration(replace(args, calib_samples=args.calib_samples + SEARCH_HELD), model, tok)
+    windows, extra = windows[:args.calib_samples], windows[args.calib_samples:]  # the first 64 as the prune's
+    kept = {c["depth_share"]: c for c in json.loads(Path(a.keep).read_text())["candidates"]} if a.keep else {}
     stats = collect(model, adapter, windows, quiet=True)
     scores = width_scores(adapter, stats, args.width_metric)
     target = args.target()
     target.round_to = default_round_to(adapter.hidden_size())
     stream = token_stream(tok, read_text(WIKI, "--text"))
     test = [stream[k * a.seq_len:(k + 1) * a.seq_len][None] for k in range(a.windows)]
-    base = window_nll(model, test)
+    base = json.loads(Path(a.keep).read_text())["unpruned_nll"] if a.keep else window_nll(model, test)
+    reference = teacher_outputs(model, extra, log_probs=True)
     kl, ce = candidate_score(args, model, adapter, windows, "kl"), candidate_score(args, model, adapter, windows)
     rows = []
     for share in a.shares:
@@ -124,8 +132,11 @@ def main() -> None:
             rows.append({"depth_share": share, "error": str(e)})
             continue
         row = {"depth_share": share, "drop_layers": plan.meta["params"]["choice"]["drop_layers"],
-               "removed": plan.meta["params"]["removed"], "kl": kl(plan), "loss": ce(plan)}
-        row["search_seconds"] = round(time.time() - t, 1)
+               "removed": plan.meta["params"]["removed"]}
+        if share in kept and "nll" in kept[share]:
+            row.update({k: kept[share][k] for k in ("kl", "loss", "search_seconds", "nll")})
+        else:
+            row.update({"kl": kl(plan), "loss": ce(plan), "search_seconds": round(time.time() - t, 1)})
         trial, p = copy.deepcopy(model), copy.deepcopy(plan)
         trial_adapter = type(adapter)(trial)
         with silenced():
@@ -133,10 +144,12 @@ def main() -> None:
             apply(trial, trial_adapter, p)
         row["widths"] = {k: v for k, v in trial_adapter.layer_widths(trial_adapter.layers()[0]).items()}
         row["params_non_embedding"] = count_params(trial, trial_adapter)["params_non_embedding"]
-        row["nll"] = window_nll(trial, test)
+        row["kl_full"] = calibration_loss(trial, extra, reference)  # the saved cut, on windows it never saw
+        row.setdefault("nll", window_nll(trial, test))
         row["perplexity"] = math.exp(statistics.fmean(row["nll"]))
         row["seconds"] = round(time.time() - t, 1)
         print(f"share {share}: {row['drop_layers']} layers, kl {row['kl']:.4f}, loss {row['loss']:.4f}, "
+              f"kl after the full repair {row['kl_full']:.4f}, "
               f"wikitext {row['perplexity']:.2f} ({row['seconds']} s)", flush=True)
         rows.append(row)
         del trial
@@ -144,7 +157,7 @@ def main() -> None:
     best = min(ok, key=lambda r: r["perplexity"])
     for r in ok:
         r["vs_best_log_ppl"] = paired(r["nll"], best["nll"])
-    picked = {m: min(ok, key=lambda r: r[m])["depth_share"] for m in ("kl", "loss")}
+    picked = {m: min(ok, key=lambda r: r[m])["depth_share"] for m in ("kl", "loss", "kl_full")}
     result = {
         "command": "python benchmarks/mix.py " + " ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, list)
                                                           else f"--{k} " + " ".join(map(str, v))

@@ -126,3 +126,24 @@ def test_report_times_each_phase(model_dir, tmp_path):
     assert phases["search"] == report["plan"]["params"]["seconds"] > 0
     assert all(v >= 0 for v in phases.values())
     assert sum(phases.values()) <= report["seconds"] + 1.0  # the phases split the run, never count a part twice
+
+
+def test_the_saved_model_is_the_one_the_search_scored(model_dir, tmp_path):
+    """The search scores each candidate cut and repaired as the run makes it, on windows beyond the repair's, and
+    saves the winner itself: its score, recomputed on the saved folder, is the winning candidate's."""
+    from lopper.evaluate import calibration_loss, teacher_outputs
+    from lopper.io import load_model
+    from lopper.select import SEARCH_HELD
+    from lopper.text import generated_windows
+
+    src = model_dir("llama", layers=8, heads=4, kv_heads=2, head_dim=8, mlp=64)
+    report = lopper.prune(model=str(src), out=str(tmp_path / "out"), params=0.33, calib_samples=8, seq_len=16,
+                          round_to=4, quiet=True)
+    chosen = report["plan"]["params"]
+    best = min(chosen["candidates"], key=lambda c: c["kl"])
+    original, tok, _ = load_model(str(src))
+    held = generated_windows(original, tok, 8 + SEARCH_HELD, 16)[8:]
+    saved = lopper.load(str(tmp_path / "out"))
+    kl = calibration_loss(saved, held, teacher_outputs(original, held, log_probs=True))
+    assert kl == pytest.approx(best["kl"], rel=1e-3, abs=1e-6)
+    assert report["plan"]["units"].startswith("MLP channels chosen by the repair")  # the repaired plan was saved

@@ -43,7 +43,9 @@ def folders(tmp_path_factory):
 
 
 def both(src, tmp_path, **kw):
-    """Prune `src` in memory and streamed with the same options; returns (report, folder) of each."""
+    """Prune `src` in memory and streamed with the same options; returns (report, folder) of each. A --params cut
+    takes the rule in both (a streamed run cannot search: test_streamed_params_takes_the_rule)."""
+    kw = {"params_search": "rule", **kw} if kw.get("params") else kw
     common = dict(model=str(src), calib="builtin", calib_samples=4, seq_len=32, quiet=True, **kw)
     out = []
     for mode in ("off", "on"):
@@ -76,6 +78,19 @@ def test_streamed_equals_in_memory(family, folders, tmp_path):
     if streamed["standard_checkpoint"] and not fam.encoder:  # the shards load in plain transformers
         plain = transformers.AutoModelForCausalLM.from_pretrained(b)
         torch.testing.assert_close(plain(input_ids=ids).logits, outputs(a, ids), atol=1e-5, rtol=0)
+
+
+def test_streamed_params_takes_the_rule(folders, tmp_path, caplog):
+    """The default search needs a copy of the model per candidate: streamed, the same command plans by the rule and
+    says so, and gives what --params-search rule gives in memory."""
+    common = dict(model=str(folders("llama")), calib="builtin", calib_samples=4, seq_len=32, params=0.3)
+    with caplog.at_level("INFO", logger="lopper"):
+        streamed = lopper.prune(out=str(tmp_path / "on"), stream="on", **common)
+    assert any("a streamed run takes the rule" in r.getMessage() for r in caplog.records)
+    rule = lopper.prune(out=str(tmp_path / "off"), stream="off", params_search="rule", quiet=True, **common)
+    assert "search" not in streamed["plan"]["params"]
+    assert plan_of(tmp_path / "on") == plan_of(tmp_path / "off")
+    assert streamed["params_after"] == rule["params_after"]
 
 
 @pytest.mark.parametrize("family,cut", [("llama", "hidden"), ("gemma2", "hidden"),
@@ -216,7 +231,7 @@ def test_converted_checkpoints_are_refused_by_name(family, folders, tmp_path):
 
 def test_plan_streams_too(folders, tmp_path):
     src = folders("qwen2")
-    common = dict(model=str(src), params=0.3, calib="builtin", calib_samples=4, seq_len=32, quiet=True)
+    common = dict(model=str(src), params=0.3, params_search="rule", calib="builtin", calib_samples=4, seq_len=32, quiet=True)
     a = lopper.plan(out=str(tmp_path / "a.json"), stream="off", **common)
     b = lopper.plan(out=str(tmp_path / "b.json"), stream="on", **common)
     assert (a.layers, a.per_layer, a.hidden) == (b.layers, b.per_layer, b.hidden)

@@ -15,6 +15,7 @@ from .version import __version__
 from .errors import LopperError
 from .evaluate import (STREAMED_WINDOWS, calibration_loss, count_params, perplexity, planned_params,
                        teacher_outputs, weights_size)
+from .arch import adapter_for
 from .importance import collect, width_scores
 from .layerwise import is_streamed
 from .io import (DTYPES, check_output, checkpoint_dtype, is_gguf, load_model, model_class, model_source, read_config,
@@ -23,6 +24,7 @@ from . import memory, stream
 from .options import Options, arg_field, flag, resolve_args, set_quiet
 from .plan import Plan
 from .repair import repair
+from .search import Candidates
 from . import sparsity as sp
 from . import zeroshot
 from .select import SEARCH_FIT, SEARCH_HELD, Target, choose, default_round_to, solve_params
@@ -324,7 +326,8 @@ def resolve_repair(args: Selection, tokenizer) -> Selection:
 
 
 def calibration(args: Selection, model, tokenizer) -> list[torch.Tensor] | None:
-    """Calibration windows, if the chosen criteria or repair need any."""
+    """Calibration windows, if the chosen criteria or repair need any; SEARCH_HELD more at the end when a --params
+    search runs (mix_candidates splits them off)."""
     needs = not args.plan and (args.width_metric in ("activation", "fisher", "fluctuation") or args.params
                                or args.target_speedup or args.drop_layers)
     if not (needs or args.repair != "none" or sp.needs_calibration(args)):
@@ -334,13 +337,16 @@ def calibration(args: Selection, model, tokenizer) -> list[torch.Tensor] | None:
                           "--width-metric magnitude without --drop-layers/--params/--repair and --sparsity-criterion wanda/sparsegpt")
     seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", None) or args.seq_len)
     source = default_calib(args, model, tokenizer)
+    streamed = any(is_streamed(layer) for layer in adapter_for(model).layers())
+    held = SEARCH_HELD if args.params and not args.plan and args.mix_search(streamed) in ("kl", "loss") else 0
     if source == SELF:
         if not can_generate(model):
             raise LopperError(f"--calib self samples text from the model, which {args.model} (an encoder) cannot "
                               "generate: give --calib FILE or --calib builtin")
-        log.info(f"calibration: {args.calib_samples} x {seq_len} tokens sampled from the model (--calib self)")
-        return generated_windows(model, tokenizer, args.calib_samples, seq_len)
-    return calibration_windows(tokenizer, source, args.calib_samples, seq_len)
+        log.info(f"calibration: {args.calib_samples} x {seq_len} tokens sampled from the model (--calib self)"
+                 + (f", and {SEARCH_HELD} more to score the --params search on" if held else ""))
+        return generated_windows(model, tokenizer, args.calib_samples + held, seq_len)
+    return calibration_windows(tokenizer, source, args.calib_samples + held, seq_len)
 
 
 def default_calib(args: Selection, model, tokenizer, streamed: bool = False) -> str:
@@ -360,8 +366,10 @@ def can_generate(model) -> bool:
     return hasattr(model, "lm_head") and hasattr(model, "generate")
 
 
-def make_plan(args: Selection, model, adapter, windows: list[torch.Tensor] | None) -> Plan:
-    """Choose the plan for `args` on a loaded model (or read it from args.plan)."""
+def make_plan(args: Selection, model, adapter, windows: list[torch.Tensor] | None, search: Candidates | None = None
+              ) -> Plan:
+    """Choose the plan for `args` on a loaded model (or read it from args.plan); `search` scores --params candidates
+    (mix_candidates)."""
     if getattr(model.config, "lopper_layout", None):
         raise LopperError(f"{args.model} was saved with a lopper layout (its config keeps the original widths), "
                           "which cannot be pruned again yet: prune the original model with the combined cut instead")
@@ -388,7 +396,7 @@ def make_plan(args: Selection, model, adapter, windows: list[torch.Tensor] | Non
     else:
         scores = width_scores(adapter, stats, "magnitude" if args.width_metric == "fisher" else args.width_metric)
     if args.params:
-        return _solve_params(args, model, adapter, target, stats, scores, windows)
+        return _solve_params(args, model, adapter, target, stats, scores, search)
     if args.target_speedup:
         from . import latency
         loss = candidate_score(args, model, adapter, windows) if args.params_search == "loss" else None
@@ -397,49 +405,51 @@ def make_plan(args: Selection, model, adapter, windows: list[torch.Tensor] | Non
     return choose(adapter, target, stats, scores)
 
 
-def _solve_params(args: Selection, model, adapter, target: Target, stats, scores, windows) -> Plan:
-    """--params: the depth share given (--depth-share), the rule, or the measured search (kl, loss): mix_search."""
-    streamed = any(is_streamed(layer) for layer in adapter.layers())
-    search = args.mix_search(streamed)
-    if search == "share":
+def _solve_params(args: Selection, model, adapter, target: Target, stats, scores, search) -> Plan:
+    """--params: the depth share given (--depth-share), the rule, or the measured search (`search`, from
+    mix_candidates: kl or loss)."""
+    how = args.mix_search(any(is_streamed(layer) for layer in adapter.layers()))
+    if how == "share":
         return solve_params(model, adapter, target, stats, scores, args.params, shares=(args.depth_share,))
-    if search == "rule":
-        if args.mix_search(False) != "rule":
+    if search is None:
+        if how != args.mix_search(False):
             log.info("--params-search %s needs a copy of the model per candidate: a streamed run takes the rule",
                      args.mix_search(False))
         return solve_params(model, adapter, target, stats, scores, args.params)
     t = time.time()
-    p = solve_params(model, adapter, target, stats, scores, args.params, metric=search,
-                     score=candidate_score(args, model, adapter, windows, search))
+    p = solve_params(model, adapter, target, stats, scores, args.params, metric=search.metric, score=search)
     p.meta["params"]["seconds"] = round(time.time() - t, 1)
-    choice = p.meta["params"]["choice"]
     log.info("--params %s: %d layers dropped and the rest by width, the lowest %s of %d candidates (%.0f s)",
-             args.params, choice["drop_layers"], search, len(p.meta["params"]["candidates"]),
-             p.meta["params"]["seconds"])
+             args.params, p.meta["params"]["choice"]["drop_layers"], search.metric,
+             len(p.meta["params"]["candidates"]), p.meta["params"]["seconds"])
     return p
 
 
 def candidate_score(args: Selection, model, adapter, windows: list[torch.Tensor], metric: str = "loss"):
-    """plan -> how far the model cut (and repaired, as the run will be) by that plan is from the unpruned model,
-    on held-back calibration windows: `kl`, the mean per-token KL(unpruned || cut) of the next-token
-    distributions; `loss`, the mean cross-entropy on the windows' own tokens (encoders: 1 - cosine of the pooled
-    outputs, either way). The repair fits the first SEARCH_FIT windows (at most three quarters), the score reads
-    the last SEARCH_HELD (the rest), so a search costs a short repair per candidate. Each candidate is tried on a
-    copy of the model."""
+    """plan -> score (search.Candidates) with a short repair: on the first SEARCH_FIT windows (at most three
+    quarters), scored on the last SEARCH_HELD (the rest). --target-speedup's loss search uses it; a --params search
+    scores the whole repair instead (mix_candidates)."""
     cut = min(SEARCH_FIT, max(1, len(windows) * 3 // 4))
     fit, held = windows[:cut], windows[cut:][-SEARCH_HELD:] or windows
-    reference = teacher_outputs(model, held, log_probs=metric == "kl")
+    return Candidates(model, adapter, fit, held, metric, _repair_for(args), keep_best=False)
 
-    def score(p: Plan) -> float:
-        trial, p = copy.deepcopy(model), copy.deepcopy(p)  # the repair may re-choose the candidate's channels
-        trial_adapter = type(adapter)(trial)
-        with silenced():
-            if args.repair == "lsq":
-                run_repair(args, trial, trial_adapter, p, fit, quiet=True)
-            apply(trial, trial_adapter, p)
-        return calibration_loss(trial, held, reference)
 
-    return score
+def mix_candidates(args: Selection, model, adapter, windows: list[torch.Tensor] | None,
+                   streamed: bool) -> tuple[list[torch.Tensor] | None, Candidates | None]:
+    """(the windows the run calibrates and repairs on, the --params search's scorer or None). calibration() drew
+    SEARCH_HELD windows more than --calib-samples when this run searches; the scorer reads those, which nothing
+    else sees, and repairs each candidate on the others as the run would."""
+    search = args.mix_search(streamed) if args.params and not args.plan else ""
+    if search not in ("kl", "loss"):
+        return windows, None
+    fit, held = windows[:-SEARCH_HELD], windows[-SEARCH_HELD:]
+    return fit, Candidates(model, adapter, fit, held, search, _repair_for(args))
+
+
+def _repair_for(args: Selection):
+    if args.repair != "lsq":
+        return None
+    return lambda model, adapter, p, windows: run_repair(args, model, adapter, p, windows, quiet=True)
 
 
 def run_repair(args: Selection, model, adapter, p: Plan, windows: list[torch.Tensor], quiet: bool,
@@ -465,7 +475,10 @@ def plan(args: PlanArgs | None = None, /, **kwargs) -> Plan:
     source = model_source(args.model, args.gguf_file)
     model, tok, adapter, _, streamed = load_for(args, source, read_config(source), f"planning {source}")
     args = replace(resolve_repair(args, tok), calib=default_calib(args, model, tok, streamed))
-    p = make_plan(args, model, adapter, calibration(args, model, tok))
+    windows, search = mix_candidates(args, model, adapter, calibration(args, model, tok), streamed)
+    p = make_plan(args, model, adapter, windows, search)
+    if search is not None and search.best is not None:
+        p = search.take(p)[2]  # with the MLP channels the repair chose: what `prune` will keep
     p.meta["source"] = source
     p.meta["repair"] = args.repair  # what `prune --plan` with --repair auto replays
     p.meta["predicted"] = planned_params(model, type(adapter), p)
@@ -495,7 +508,8 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     phases.lap("perplexity_before")
     windows = calibration(args, model, tok)
     phases.lap("calibration")
-    p = make_plan(args, model, adapter, windows)
+    windows, search = mix_candidates(args, model, adapter, windows, streamed)
+    p = make_plan(args, model, adapter, windows, search)
     phases.lap("plan", ("search", p.meta.get("params", {}).get("seconds", 0.0)))
     p.meta["source"] = source
     p.meta["repair"] = args.repair
@@ -515,10 +529,13 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
                          files=sparse.files() if sparse else None)
         out = Path(args.out)
     else:
-        if args.repair == "lsq":
-            run_repair(args, model, adapter, p, windows, quiet=args.quiet)
+        if search is not None and search.best is not None:
+            model, adapter, p, standard = search.take(p)  # the search's winner, cut and repaired already
+        else:
+            if args.repair == "lsq":
+                run_repair(args, model, adapter, p, windows, quiet=args.quiet)
+            standard = apply(model, adapter, p)
         t_repair = time.time() - t_repair
-        standard = apply(model, adapter, p)
         sparse = sp.for_prune(args, p, model, adapter, windows)
         report = _report(args, source, standard, before, model, adapter, p, sparse, estimate, t0, t_repair)
         _add_perplexity(report, ppl_before, model, tok, args)
@@ -544,7 +561,7 @@ class Phases(dict):
     def lap(self, name: str, part: tuple[str, float] | None = None) -> dict:
         now, (inner, seconds) = time.time(), part or ("", 0.0)
         self[name] = round(now - self.clock - seconds, 2)
-        if seconds:
+        if part:
             self[inner] = round(seconds, 2)
         self.clock = now
         return dict(self)

@@ -15,8 +15,9 @@ The in-memory path holds the whole model at the compute dtype all along; on top 
   by hand when streamed), one layer's recomputed activations (about 4 x [L, I] and 4 x [L, hidden] with their
   gradients), the logits [L, vocab] in float32 with their softmax and gradient, and the largest weight's gradient
   (the embedding's, [vocab, hidden]), all float32;
-- --params-search kl or loss (the default kl): a second copy of the model per candidate, its repair on
-  SEARCH_FIT windows, and with kl the unpruned model's log-probabilities on SEARCH_HELD windows, float16.
+- the --params search (kl, the default, or loss): two more copies of the model (the candidate being tried and the
+  best so far, cut, which the estimate counts at full size), the candidate's repair, and with kl the unpruned
+  model's log-probabilities on SEARCH_HELD windows, float16.
 The estimate is weights + the largest phase + the runtime (torch and Python, about 0.5 GB on CPU). Measured on
 the issue's 0.72B random Llama (hidden 2560, 8 layers, bf16 checkpoint of 1.44 GB, 8 x 256 calibration tokens,
 --repair lsq, CPU float32): 5.42 GB peak resident, against 4.86 GB from this rule. Planning accuracy, not a
@@ -30,7 +31,7 @@ import torch
 
 from .errors import LopperError
 from .io import empty_model
-from .select import SEARCH_FIT, SEARCH_HELD
+from .select import SEARCH_HELD
 
 GB = 10 ** 9
 RUNTIME_CPU = GB // 2
@@ -71,15 +72,15 @@ def estimate_prune(shape: dict, *, dtype: torch.dtype, device: str, checkpoint_b
         layer, ends = shape["layer_params"], shape.get("untied_ends", 0)
         weights = (shape["params"] - shape["layers"] * layer - ends + max(2 * layer, ends)) * size
         loading = layer * checkpoint_bytes // max(shape["params"], 1) if device == "cpu" else 0
+    repair_bytes = ((4 if correct > 0 else 1) * n * L * h * size + (shape["mlp"] + 1) ** 2 * 20) if repair else 0
     phases = {
         "loading": loading,
         "calibration": 2 * n * L * h * size + 2 * L * h * 4 + 2 * L * shape["vocab"] * 4
         + ((shape["layers"] + 1) * n * L * h * 4 if all_pairs else 0),
-        "repair": ((4 if correct > 0 else 1) * n * L * h * size + (shape["mlp"] + 1) ** 2 * 20) if repair else 0,
+        "repair": repair_bytes,
         "sparsity": (4 * (2 * h * h + shape["attention"] ** 2 + shape["mlp"] ** 2) if sparsegpt else 0)
         + (shape["layers"] * shape["layer_params"] // 8 if sparse or sparsegpt else 0),
-        "search": weights + ((4 if correct > 0 else 1) * min(n, SEARCH_FIT) * L * h * size if repair else 0)
-        + SEARCH_HELD * L * shape["vocab"] * 2 if search else 0,
+        "search": 2 * weights + repair_bytes + SEARCH_HELD * L * shape["vocab"] * 2 if search else 0,
         "fisher": 4 * (seq_len * (shape["layers"] + 1) * h + 8 * seq_len * (shape["mlp"] + h)
                        + 3 * seq_len * shape["vocab"] + shape["vocab"] * h) if fisher else 0,
     }

@@ -271,8 +271,8 @@ def solve_params(model, adapter: Adapter, target: Target, stats: Stats, scores: 
 
 
 SEARCH_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
-# A candidate's repair fits SEARCH_FIT calibration windows and its score reads SEARCH_HELD others: a quarter of the
-# default run's repair per candidate (docs/decisions.md: the ranking this gives against WikiText-2 perplexity).
+# A --params search scores each candidate on SEARCH_HELD calibration windows drawn beyond --calib-samples (the
+# repair never sees them); --target-speedup's loss search repairs its candidates on SEARCH_FIT windows only.
 SEARCH_FIT, SEARCH_HELD = 16, 8
 
 

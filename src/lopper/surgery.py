@@ -29,6 +29,21 @@ def silenced():
         log.setLevel(level)
 
 
+@contextmanager
+def recorded():
+    """Hold surgery's `old -> new` lines back instead of logging them (a trial cut that may become the cut): yields
+    the list of their log records, which `log.handle` emits later, once."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    saved = log.handlers, log.propagate
+    log.handlers, log.propagate = [handler], False
+    try:
+        yield records
+    finally:
+        log.handlers, log.propagate = saved
+
+
 def removed_cuts(adapter: Adapter, plan: Plan) -> dict[tuple[nn.Module, int], torch.Tensor]:
     """(module, dim) -> channel indices to remove, merged over every structure that touches that module."""
     cuts: dict[tuple[nn.Module, int], list[torch.Tensor]] = defaultdict(list)
