@@ -88,9 +88,9 @@ def render(path: str) -> None:
             lines.append(f"| {c['depth_share']} | - | - | - | - | - | - | {c['error']} | |")
             continue
         d = c["vs_best_log_ppl"]
+        full = f"{c['kl_full']:.4f}" if "kl_full" in c else "-"
         lines.append(f"| {c['depth_share']} | {c['drop_layers']} | {c['widths'].get('mlp', '-')} | "
-                     f"{c['removed']:.2%} | {c['kl']:.4f} | {c['loss']:.4f} | {c.get('kl_full', float('nan')):.4f} | "
-                     f"{c['perplexity']:.2f} | "
+                     f"{c['removed']:.2%} | {c['kl']:.4f} | {c['loss']:.4f} | {full} | {c['perplexity']:.2f} | "
                      f"{d['mean']:+.4f} ({d['stderr']:.4f}) |")
     m = r["machine"]
     lines += ["", f"Best on WikiText-2: share {r['best_on_wikitext']}; the kl search picks "
@@ -153,15 +153,23 @@ def main() -> None:
               f"wikitext {row['perplexity']:.2f} ({row['seconds']} s)", flush=True)
         rows.append(row)
         del trial
+        write(a, rows, base, windows, t0)
+    write(a, rows, base, windows, t0)
+
+
+def write(a: argparse.Namespace, rows: list[dict], base: list[float], windows, t0: float) -> None:
+    """The JSON (and its Markdown) of the candidates measured so far: written after each, so a long run that is
+    stopped keeps what it measured."""
     ok = [r for r in rows if "nll" in r]
     best = min(ok, key=lambda r: r["perplexity"])
     for r in ok:
         r["vs_best_log_ppl"] = paired(r["nll"], best["nll"])
-    picked = {m: min(ok, key=lambda r: r[m])["depth_share"] for m in ("kl", "loss", "kl_full")}
+    picked = {m: min((r for r in ok if m in r), key=lambda r: r[m])["depth_share"] for m in ("kl", "loss", "kl_full")
+              if any(m in r for r in ok)}
+    flags = [f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, list) else str(v))
+             for k, v in vars(a).items() if v not in ("", None)]
     result = {
-        "command": "python benchmarks/mix.py " + " ".join(f"--{k.replace('_', '-')} {v}" if not isinstance(v, list)
-                                                          else f"--{k} " + " ".join(map(str, v))
-                                                          for k, v in vars(a).items()),
+        "command": "python benchmarks/mix.py " + " ".join(flags),
         "model": a.model, "params": a.params, "calibration": f"{len(windows)} x {windows[0].shape[1]} self-generated",
         "wikitext": {"windows": a.windows, "seq_len": a.seq_len, "unpruned_perplexity": math.exp(statistics.fmean(base))},
         "unpruned_nll": base, "candidates": rows, "best_on_wikitext": best["depth_share"], "search_picks": picked,
@@ -171,8 +179,6 @@ def main() -> None:
     }
     Path(a.json).write_text(json.dumps(result, indent=1) + "\n")
     render(a.json)
-    print(json.dumps({k: v for k, v in result.items() if k not in ("candidates", "unpruned_nll")}, indent=1))
-
 
 if __name__ == "__main__":
     main()

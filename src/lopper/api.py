@@ -240,6 +240,12 @@ class Selection(ModelOptions, RemoveOptions, SpeedOptions, ScoringOptions, Repai
             search = "rule" if self.allocation == "global" else "kl"
         return "rule" if streamed else search
 
+    def scored_search(self, streamed: bool) -> str:
+        """"kl" or "loss" when this run cuts and scores --params candidates (it then draws SEARCH_HELD more
+        calibration windows to score them on), else ""."""
+        search = self.mix_search(streamed) if self.params and not self.plan else ""
+        return search if search in ("kl", "loss") else ""
+
     def not_streamed(self) -> str:
         """The options that the layer-streamed path (stream.py) does not take yet, or ''."""
         spec = sp.Spec.from_args(self)
@@ -338,7 +344,7 @@ def calibration(args: Selection, model, tokenizer) -> list[torch.Tensor] | None:
     seq_len = min(args.seq_len, getattr(model.config, "max_position_embeddings", None) or args.seq_len)
     source = default_calib(args, model, tokenizer)
     streamed = any(is_streamed(layer) for layer in adapter_for(model).layers())
-    held = SEARCH_HELD if args.params and not args.plan and args.mix_search(streamed) in ("kl", "loss") else 0
+    held = SEARCH_HELD if args.scored_search(streamed) else 0
     if source == SELF:
         if not can_generate(model):
             raise LopperError(f"--calib self samples text from the model, which {args.model} (an encoder) cannot "
@@ -439,8 +445,8 @@ def mix_candidates(args: Selection, model, adapter, windows: list[torch.Tensor] 
     """(the windows the run calibrates and repairs on, the --params search's scorer or None). calibration() drew
     SEARCH_HELD windows more than --calib-samples when this run searches; the scorer reads those, which nothing
     else sees, and repairs each candidate on the others as the run would."""
-    search = args.mix_search(streamed) if args.params and not args.plan else ""
-    if search not in ("kl", "loss"):
+    search = args.scored_search(streamed)
+    if not search:
         return windows, None
     fit, held = windows[:-SEARCH_HELD], windows[-SEARCH_HELD:]
     return fit, Candidates(model, adapter, fit, held, search, _repair_for(args))
@@ -697,8 +703,7 @@ def memory_estimate(args: Selection, source: str, config, streamed: bool = False
         shape, dtype=resolve_dtype(args.dtype, args.device), device=args.device, checkpoint_bytes=on_disk,
         samples=args.calib_samples, seq_len=args.seq_len, repair=args.repair != "none",
         correct=args.repair_correct, sparsegpt=spec.active and spec.criterion == "sparsegpt",
-        search=(bool(args.params) and args.mix_search(streamed) in ("kl", "loss"))
-        or (bool(args.target_speedup) and args.params_search == "loss"),
+        search=bool(args.scored_search(streamed)) or (bool(args.target_speedup) and args.params_search == "loss"),
         all_pairs=args.layer_metric == "angular", streamed=streamed, sparse=spec.active,
         fisher=args.width_metric == "fisher")
 

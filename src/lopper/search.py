@@ -6,11 +6,12 @@ distributions (all of them, not only the sampled token, so 8 windows say more th
 tokens would); with `loss`, the cross-entropy on the windows' own tokens; encoders: 1 - cosine of the pooled
 outputs. The best candidate's model is kept, so the run saves the very model that won and does not repair again.
 
-Why the whole repair and not a short one: with a repair fitted on 16 windows instead of 64, SmolLM2's candidates
-ranked by KL put dropping 8 whole layers first and its width-only cut fourth, where WikiText-2 put them last and
-first (docs/mix_smollm2_25.md): a width cut's refit (OBS channel choice and a least-squares solve over a thousand
-inputs) needs the data more than a depth cut's, so a short repair handicaps width. Scoring the saved model itself
-removes that bias at the price of one full repair per candidate.
+Why the whole repair and not a short one: a score is only as good as its likeness to the model that will be saved.
+Repaired on 16 windows instead of 64, SmolLM2's candidates ranked by KL put the depth-only cut first and the
+half-by-depth cut second; repaired as the run repairs them, half by depth is first and depth only third
+(docs/mix_smollm2_25.md; the two scores read different held-out windows, and the cuts' KLs moved by 0.02 to 0.08,
+each by its own amount). So the search scores the saved model itself, at the price of one full repair per
+candidate.
 """
 from __future__ import annotations
 
