@@ -67,7 +67,7 @@ class Candidates:
         best = self.best
         assert best is not None and best.plan.layers == chosen.layers, "the search kept another candidate"
         best.plan.meta = {**chosen.meta, **best.plan.meta}
-        self.best = None
+        self.best = self.model = self.reference = None  # the caller's unpruned model may go once it lets go of it
         for line in best.lines:
             log.handle(line)
         return best.model, type(self.adapter)(best.model), best.plan, best.standard
