@@ -147,3 +147,14 @@ def test_the_saved_model_is_the_one_the_search_scored(model_dir, tmp_path):
     kl = calibration_loss(saved, held, teacher_outputs(original, held, log_probs=True))
     assert kl == pytest.approx(best["kl"], rel=1e-3, abs=1e-6)
     assert report["plan"]["units"].startswith("MLP channels chosen by the repair")  # the repaired plan was saved
+
+
+def test_a_calibration_file_too_short_for_the_search_says_so(model_dir, tmp_path):
+    src = model_dir("llama", layers=4, heads=4, kv_heads=2, head_dim=8, mlp=64)
+    text = tmp_path / "short.txt"
+    text.write_text(" ".join(f"w{i % 50}" for i in range(40)))  # about 110 tokens: 4 windows of 16, not 12
+    with pytest.raises(lopper.LopperError, match="scores its candidates on 8 windows beyond --calib-samples 4"):
+        lopper.plan(model=str(src), out=str(tmp_path / "p.json"), params=0.3, calib=str(text), calib_samples=4,
+                    seq_len=16, quiet=True)
+    lopper.plan(model=str(src), out=str(tmp_path / "p.json"), params=0.3, calib=str(text), calib_samples=4,
+                seq_len=16, params_search="rule", quiet=True)  # enough for the windows themselves

@@ -352,7 +352,13 @@ def calibration(args: Selection, model, tokenizer) -> list[torch.Tensor] | None:
         log.info(f"calibration: {args.calib_samples} x {seq_len} tokens sampled from the model (--calib self)"
                  + (f", and {SEARCH_HELD} more to score the --params search on" if held else ""))
         return generated_windows(model, tokenizer, args.calib_samples + held, seq_len)
-    return calibration_windows(tokenizer, source, args.calib_samples + held, seq_len)
+    try:
+        return calibration_windows(tokenizer, source, args.calib_samples + held, seq_len)
+    except LopperError as e:
+        if not held:
+            raise
+        raise LopperError(f"{e} (the --params search scores its candidates on {held} windows beyond "
+                          f"--calib-samples {args.calib_samples}; or pass --params-search rule)") from None
 
 
 def default_calib(args: Selection, model, tokenizer, streamed: bool = False) -> str:
