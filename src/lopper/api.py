@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -18,9 +19,9 @@ from .evaluate import (STREAMED_WINDOWS, calibration_loss, count_params, perplex
 from .arch import adapter_for
 from .importance import collect, width_scores
 from .layerwise import is_streamed
-from .io import (DTYPES, check_output, checkpoint_dtype, is_gguf, load_model, model_class, model_source, read_config,
-                 resolve_dtype, save, staged, write_beside)
-from . import memory, stream
+from .io import (DTYPES, PLAN_FILE, REPORT_FILE, check_output, checkpoint_dtype, is_gguf, load_model, model_class,
+                 model_source, read_config, resolve_dtype, save, staged, write_beside)
+from . import gguf_out, memory, stream
 from .options import Options, arg_field, flag, resolve_args, set_quiet
 from .plan import Plan
 from .repair import repair
@@ -286,8 +287,8 @@ class EvalTextOptions(Options):
 
 
 @dataclass(kw_only=True)
-class PruneArgs(Selection, OutputOptions, EvalTextOptions):
-    """Arguments of `lopper prune` (--out: the model folder to write)."""
+class PruneArgs(Selection, OutputOptions, EvalTextOptions, gguf_out.GgufOptions):
+    """Arguments of `lopper prune` (--out: the model folder to write, or a .gguf file)."""
 
 
 @dataclass(kw_only=True)
@@ -506,7 +507,10 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     args = resolve_args(PruneArgs, args, kwargs)
     args.check()
     source = model_source(args.model, args.gguf_file)
-    check_output(args.out, args.force, source)
+    to_gguf = gguf_out.wanted(args.out)
+    (gguf_out.check_output if to_gguf else check_output)(args.out, args.force, source)
+    if to_gguf:
+        _check_gguf_out(args, source)
     set_quiet(args.quiet)
     t0 = time.time()
     config = read_config(source)
@@ -514,6 +518,9 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     phases = Phases()
     model, tok, adapter, estimate, streamed = load_for(args, source, config, f"pruning {source}")
     phases.lap("load")
+    if to_gguf and not args.round_to:  # every matrix row a whole number of its type's blocks
+        rt = default_round_to(adapter.hidden_size(), args.device, resolve_dtype(args.dtype, args.device))
+        args = replace(args, round_to=math.lcm(rt, gguf_out.block_size(source, args.gguf_type)))
     args = replace(resolve_repair(args, tok), calib=default_calib(args, model, tok, streamed))
     before = {**count_params(model, adapter), "structures": structures(adapter)}
     ppl_before = _maybe_ppl(model, tok, args)
@@ -551,14 +558,36 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
         sparse = sp.for_prune(args, p, model, adapter, windows)
         report = _report(args, source, standard, before, model, adapter, p, sparse, estimate, t0, t_repair)
         _add_perplexity(report, ppl_before, model, tok, args)
-        out = save(model, args.out, source=source, tokenizer=tok, plan=p, report=report, dtype=saved_dtype,
-                   force=args.force, files=sparse.files() if sparse else None)
+        if to_gguf:
+            report["gguf"] = gguf_out.write(model, adapter, source, args.out, args.gguf_type)
+            p.save(gguf_out.beside(args.out, PLAN_FILE))
+            out = Path(args.out)
+        else:
+            out = save(model, args.out, source=source, tokenizer=tok, plan=p, report=report, dtype=saved_dtype,
+                       force=args.force, files=sparse.files() if sparse else None)
     report["size_bytes_after"] = weights_size(out)
     report["phases_seconds"] = phases.lap("cut_save_evaluate", ("repair", report["repair_seconds"]))
     if Path(source).exists():  # a folder, or a .gguf file
         report["size_bytes_before"] = weights_size(source)
-    (out / "lopper_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    _write_atomic(gguf_out.beside(out, REPORT_FILE) if to_gguf else out / REPORT_FILE,
+                  json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _check_gguf_out(args: PruneArgs, source: str) -> None:
+    """What a .gguf output cannot carry, refused before any work."""
+    gguf_out.check_source(source)
+    found = [b for b in (args.allocation == "global" and "--allocation global (per-layer widths need llama.cpp's "
+                         "deci layout, not written yet)", args.stream == "on" and "--stream on") if b]
+    if found:
+        raise LopperError(f"--out {args.out} is a GGUF file, which cannot be written with {', '.join(found)}: "
+                          "write a folder (--out DIR) instead")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.lopper-tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 class Phases(dict):

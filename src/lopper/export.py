@@ -34,12 +34,14 @@ from safetensors.torch import save_file
 from .version import __version__
 from .errors import LopperError
 from .evaluate import count_params
+from . import gguf_out
 from .options import Options, arg_field, resolve_args, set_quiet
+from .plan import Plan
 from .io import (PLAN_FILE, checkpoint_dtype, add_legacy_config_keys, check_output, copy_side_files, load_model, read_config,
                  staged)
 
 log = logging.getLogger("lopper")
-FORMATS = ("nemotron-nas",)
+FORMATS = ("nemotron-nas", "gguf")
 FAMILIES = ("llama", "mistral", "qwen2")
 # NVIDIA's configuration and modeling code for the layout, referenced as "repo--module.Class" (transformers fetches
 # it with trust_remote_code=True); nothing of it is copied here.
@@ -48,14 +50,17 @@ EXPORT_REPORT = "lopper_export.json"
 
 
 @dataclass(kw_only=True)
-class ExportArgs(Options):
+class ExportArgs(gguf_out.GgufOptions):
     """Model and layout"""
 
     model: str = arg_field("", "model folder to export (standard, or saved by lopper with per-layer widths)",
                       positional=True)
-    out: str = arg_field("", "output folder (written atomically)", required=True)
+    out: str = arg_field("", "output folder, or .gguf file (written atomically)", required=True)
     format: str = arg_field("nemotron-nas", "layout: nemotron-nas (NVIDIA DeciLM block_configs, widths per layer; read by "
-                       "vLLM, SGLang, TensorRT-LLM and llama.cpp's converter)", choices=FORMATS)
+                       "vLLM, SGLang, TensorRT-LLM and llama.cpp's converter), or gguf (one file for llama.cpp, "
+                       "with the tokenizer and settings of --template)", choices=FORMATS)
+    template: str = arg_field("", "with --format gguf: the GGUF file the model was pruned from (default: the source "
+                              "named in the folder's plan)")
     force: bool = arg_field(False, "replace an existing output folder")
     quiet: bool = arg_field(False, "no logs")
 
@@ -84,6 +89,8 @@ def export(args: ExportArgs | None = None, /, **kwargs) -> dict:
     (temporary folder, then rename); returns the report also written as lopper_export.json."""
     args = resolve_args(ExportArgs, args, kwargs)
     args.check()
+    if args.format == "gguf":
+        return export_gguf(args)
     check_output(args.out, args.force, args.model)  # before the load: fail fast on a taken folder or a wrong family
     source = read_config(args.model)
     _check_family(source)
@@ -91,6 +98,26 @@ def export(args: ExportArgs | None = None, /, **kwargs) -> dict:
     dtype = checkpoint_dtype(source)
     model, tok, adapter = load_model(args.model, "cpu", str(dtype).removeprefix("torch.") if dtype else "float32")
     return save_export(model, tok, adapter, args)
+
+
+def export_gguf(args: ExportArgs) -> dict:
+    """A pruned folder (uniform widths) as one .gguf file, with the metadata of the GGUF it was pruned from."""
+    template = args.template or _plan_source(args.model)
+    gguf_out.check_output(args.out, args.force, args.model)
+    gguf_out.check_source(template, what=args.model)
+    set_quiet(args.quiet)
+    model, _, adapter = load_model(args.model, "cpu", "float32")
+    written = gguf_out.write(model, adapter, template, args.out, args.gguf_type)
+    return {"lopper_version": __version__, "source": args.model, "format": "gguf", **written}
+
+
+def _plan_source(folder: str) -> str:
+    plan = Path(folder) / PLAN_FILE
+    source = Plan.load(plan).meta.get("source", "") if plan.is_file() else ""
+    if not gguf_out.wanted(source):
+        raise LopperError(f"{folder} was not pruned from a GGUF file (its plan names {source or 'no source'}): give "
+                          "--template FILE.gguf, the GGUF of the same model before pruning")
+    return source
 
 
 def save_export(model, tok, adapter, args: ExportArgs) -> dict:
