@@ -82,7 +82,7 @@ def gguf_location(source: str) -> tuple[str, str]:
     if not p.is_file():
         raise LopperError(f"{source} does not exist: give the path of a .gguf file, or a folder and --gguf-file NAME")
     if not is_gguf_available():
-        raise LopperError(f'reading {p.name} needs the gguf package (0.10 or newer): pip install "lopper[gguf]"')
+        raise LopperError(f'reading {p.name} needs the gguf package (0.17 or newer): pip install "lopper[gguf]"')
     return str(p.parent), p.name
 
 
