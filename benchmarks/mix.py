@@ -46,6 +46,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--windows", type=int, default=80, help="WikiText-2 test windows of --seq-len tokens")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--json", default="")
+    p.add_argument("--diagnose", type=int, default=0, help="also the KL of each cut before its repair (held-out "
+                   "calibration windows) and the KL before and after it on the first N WikiText-2 windows")
     p.add_argument("--keep", default="", help="an earlier result of the same model and level: its candidates' "
                    "search scores and WikiText-2 figures are carried over (the same calibration gives the same cut)")
     a = p.parse_args()
@@ -61,6 +63,17 @@ def window_nll(model, ids: list[torch.Tensor]) -> list[float]:
     for x in ids:
         logits = model(input_ids=x).logits[0, :-1].float()
         out.append(torch.nn.functional.cross_entropy(logits, x[0, 1:]).item())
+    return out
+
+
+@torch.no_grad()
+def window_kl(teacher, student, ids: list[torch.Tensor]) -> list[float]:
+    """Mean per-token KL(teacher || student) of each window: the search's criterion, on other text."""
+    out = []
+    for x in ids:
+        t = teacher(input_ids=x).logits[0].float().log_softmax(-1)
+        s = student(input_ids=x).logits[0].float().log_softmax(-1)
+        out.append((t.exp() * (t - s)).sum(-1).mean().item())
     return out
 
 
@@ -139,6 +152,14 @@ def main() -> None:
             row.update({"kl": kl(plan), "loss": ce(plan), "search_seconds": round(time.time() - t, 1)})
         trial, p = copy.deepcopy(model), copy.deepcopy(plan)
         trial_adapter = type(adapter)(trial)
+        if a.diagnose:  # the same cut before any repair: does the repair's gain carry to other text?
+            cut = copy.deepcopy(model)
+            cut_adapter = type(adapter)(cut)
+            with silenced():
+                apply(cut, cut_adapter, copy.deepcopy(plan))
+            row["kl_cut"] = calibration_loss(cut, extra, reference)
+            row["kl_cut_wiki"] = window_kl(model, cut, test[:a.diagnose])
+            del cut
         with silenced():
             run_repair(args, trial, trial_adapter, p, windows, quiet=True)
             apply(trial, trial_adapter, p)
@@ -146,6 +167,8 @@ def main() -> None:
         row["params_non_embedding"] = count_params(trial, trial_adapter)["params_non_embedding"]
         row["kl_full"] = calibration_loss(trial, extra, reference)  # the saved cut, on windows it never saw
         row.setdefault("nll", window_nll(trial, test))
+        if a.diagnose:
+            row["kl_wiki"] = window_kl(model, trial, test[:a.diagnose])
         row["perplexity"] = math.exp(statistics.fmean(row["nll"]))
         row["seconds"] = round(time.time() - t, 1)
         print(f"share {share}: {row['drop_layers']} layers, kl {row['kl']:.4f}, loss {row['loss']:.4f}, "

@@ -158,3 +158,32 @@ def test_a_calibration_file_too_short_for_the_search_says_so(model_dir, tmp_path
                     seq_len=16, quiet=True)
     lopper.plan(model=str(src), out=str(tmp_path / "p.json"), params=0.3, calib=str(text), calib_samples=4,
                 seq_len=16, params_search="rule", quiet=True)  # enough for the windows themselves
+
+
+def test_cut_search_scores_each_cut_before_repair_and_repairs_the_kept_one(model_dir, tmp_path):
+    """--params-search cut: each candidate's KL is that of the unrepaired cut on the held windows (recomputed here
+    by cutting the original with the kept plan), the lowest is kept, and prune repairs that cut once."""
+    import copy
+
+    from lopper.evaluate import calibration_loss, teacher_outputs
+    from lopper.io import load_model
+    from lopper.select import SEARCH_HELD
+    from lopper.surgery import apply
+    from lopper.text import generated_windows
+
+    src = model_dir("llama", layers=8, heads=4, kv_heads=2, head_dim=8, mlp=64)
+    kw = dict(params=0.33, params_search="cut", calib_samples=8, seq_len=16, round_to=4, quiet=True)
+    plan = lopper.plan(model=str(src), out=str(tmp_path / "plan.json"), **kw)
+    chosen = plan.meta["params"]
+    assert chosen["search"] == "kl_cut" and len({c["drop_layers"] for c in chosen["candidates"]}) >= 3
+    best = min(chosen["candidates"], key=lambda c: c["kl_cut"])
+    assert chosen["choice"]["drop_layers"] == best["drop_layers"]
+    original, tok, _ = load_model(str(src))
+    held = generated_windows(original, tok, 8 + SEARCH_HELD, 16)[8:]
+    cut = copy.deepcopy(original)
+    apply(cut, adapter_for(cut), plan)
+    kl = calibration_loss(cut, held, teacher_outputs(original, held, log_probs=True))
+    assert kl == pytest.approx(best["kl_cut"], rel=1e-3, abs=1e-7)
+    report = lopper.prune(model=str(src), out=str(tmp_path / "out"), **kw)
+    assert report["plan"]["params"]["choice"] == chosen["choice"]
+    assert report["plan"]["units"].startswith("MLP channels chosen by the repair")  # repaired once, after the search

@@ -63,10 +63,12 @@ class RemoveOptions(Options):
                                    "mixes (a quarter, half, three quarters of the cut by depth, further out while "
                                    "the best is at an edge) and keep the lowest KL divergence to the unpruned model "
                                    "on held-back calibration windows; loss = the same by cross-entropy; rule = half "
-                                   "by depth without measuring (none up to 35%% with --allocation global); auto "
+                                   "by depth without measuring (none up to 35%% with --allocation global); cut = "
+                                   "the KL of each candidate cut before any repair (one repair in all, of the "
+                                   "kept candidate); auto "
                                    "(default) = kl, except rule for --allocation global and streamed runs; "
                                    "--depth-share overrides (docs/decisions.md)",
-                                   choices=("auto", "kl", "loss", "rule"))
+                                   choices=("auto", "kl", "loss", "cut", "rule"))
     depth_share: float = arg_field(-1.0, "with --params: the fraction of the cut taken as whole layers, the rest "
                                    "as width, instead of the search (-1: --params-search decides)")
     allocation: str = arg_field("uniform", "per-layer widths: uniform (a standard checkpoint), or global (one ranking "
@@ -231,7 +233,7 @@ class Selection(ModelOptions, RemoveOptions, SpeedOptions, ScoringOptions, Repai
             raise LopperError(f"--stream on cannot stream {self.not_streamed()}: drop it, or use --stream off")
 
     def mix_search(self, streamed: bool) -> str:
-        """How a --params cut splits depth and width in this run: "share" (--depth-share), "rule", "kl" or "loss".
+        """How a --params cut splits depth and width in this run: "share" (--depth-share), "rule", "kl", "loss" or "cut".
         auto is kl, but rule for --allocation global (its rule was measured against the loss search,
         select.global_depth_share; kl was not) and for a streamed model (no copy per candidate)."""
         if self.depth_share != -1.0:
@@ -242,10 +244,10 @@ class Selection(ModelOptions, RemoveOptions, SpeedOptions, ScoringOptions, Repai
         return "rule" if streamed else search
 
     def scored_search(self, streamed: bool) -> str:
-        """"kl" or "loss" when this run cuts and scores --params candidates (it then draws SEARCH_HELD more
+        """"kl", "loss" or "cut" when this run cuts and scores --params candidates (it then draws SEARCH_HELD more
         calibration windows to score them on), else ""."""
         search = self.mix_search(streamed) if self.params and not self.plan else ""
-        return search if search in ("kl", "loss") else ""
+        return search if search in ("kl", "loss", "cut") else ""
 
     def not_streamed(self) -> str:
         """The options that the layer-streamed path (stream.py) does not take yet, or ''."""
@@ -430,10 +432,10 @@ def _solve_params(args: Selection, model, adapter, target: Target, stats, scores
                      args.mix_search(False))
         return solve_params(model, adapter, target, stats, scores, args.params)
     t = time.time()
-    p = solve_params(model, adapter, target, stats, scores, args.params, metric=search.metric, score=search)
+    p = solve_params(model, adapter, target, stats, scores, args.params, metric=search.label, score=search)
     p.meta["params"]["seconds"] = round(time.time() - t, 1)
     log.info("--params %s: %d layers dropped and the rest by width, the lowest %s of %d candidates (%.0f s)",
-             args.params, p.meta["params"]["choice"]["drop_layers"], search.metric,
+             args.params, p.meta["params"]["choice"]["drop_layers"], search.label,
              len(p.meta["params"]["candidates"]), p.meta["params"]["seconds"])
     return p
 
@@ -456,6 +458,8 @@ def mix_candidates(args: Selection, model, adapter, windows: list[torch.Tensor] 
     if not search:
         return windows, None
     fit, held = windows[:-SEARCH_HELD], windows[-SEARCH_HELD:]
+    if search == "cut":  # each candidate scored as cut, before any repair; the run repairs the one it keeps
+        return fit, Candidates(model, adapter, fit, held, "kl", None, keep_best=False, label="kl_cut")
     return fit, Candidates(model, adapter, fit, held, search, _repair_for(args))
 
 

@@ -42,9 +42,10 @@ class Candidates:
     model. `repair(model, adapter, plan, windows)` is the run's repair (None: no repair)."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, fit: list[torch.Tensor], held: list[torch.Tensor],
-                 metric: str, repair: Callable | None, keep_best: bool = True):
+                 metric: str, repair: Callable | None, keep_best: bool = True, label: str = ""):
         self.model, self.adapter, self.fit, self.held = model, adapter, fit, held
         self.metric, self.repair, self.keep_best = metric, repair, keep_best
+        self.label = label or metric  # the score's name in the plan's record
         self.reference = teacher_outputs(model, held, log_probs=metric == "kl")
         self.best: Scored | None = None
 
