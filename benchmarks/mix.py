@@ -105,6 +105,16 @@ def render(path: str) -> None:
         lines.append(f"| {c['depth_share']} | {c['drop_layers']} | {c['widths'].get('mlp', '-')} | "
                      f"{c['removed']:.2%} | {c['kl']:.4f} | {c['loss']:.4f} | {full} | {c['perplexity']:.2f} | "
                      f"{d['mean']:+.4f} ({d['stderr']:.4f}) |")
+    diag = [c for c in r["candidates"] if "kl_cut" in c]
+    if diag:
+        n = len(diag[0]["kl_wiki"])
+        lines += ["", f"Before and after the repair (KL to the unpruned model; self: the 8 held-out calibration windows; "
+                  f"WikiText-2: its first {n} windows):", "",
+                  "| depth share | self, cut | self, repaired | WikiText-2, cut | WikiText-2, repaired | WikiText-2 "
+                  "perplexity |", "|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {c['depth_share']} | {c['kl_cut']:.4f} | {c['kl_full']:.4f} | "
+                  f"{statistics.fmean(c['kl_cut_wiki']):.4f} | {statistics.fmean(c['kl_wiki']):.4f} | "
+                  f"{c['perplexity']:.2f} |" for c in diag]
     m = r["machine"]
     lines += ["", f"Best on WikiText-2: share {r['best_on_wikitext']}; the kl search picks "
               f"{r['search_picks']['kl']}, the loss search {r['search_picks']['loss']}, kl full "
