@@ -156,8 +156,8 @@ def measure(a, path: str) -> dict:
 
     t = time.time()
     model, tok, _ = load_model(path)
-    add_bos = bool(GGUFReader(path).fields.get("tokenizer.ggml.add_bos_token") and
-                   GGUFReader(path).fields["tokenizer.ggml.add_bos_token"].contents())
+    field = GGUFReader(path).fields.get("tokenizer.ggml.add_bos_token")
+    add_bos = bool(field and field.contents())
     row = {"file": path, "size_bytes": Path(path).stat().st_size, **shape(path, a.ctx),
            "llama_cpp": llama_perplexity(a, path), "lopper": lopper_perplexity(a, model, tok, add_bos),
            "greedy": {"llama_cpp": llama_greedy(a, path), "lopper": lopper_greedy(a, model, tok)}}
@@ -208,7 +208,7 @@ def main() -> None:
 
 def render(path: str) -> None:
     r = json.loads(Path(path).read_text())
-    lines = [f"# GGUF in, GGUF out, run in llama.cpp", "", f"`{r['command']}`", "",
+    lines = ["# GGUF in, GGUF out, run in llama.cpp", "", f"`{r['command']}`", "",
              "Perplexity: WikiText-2 raw test, the first chunks of 512 tokens, second halves scored (llama-perplexity's "
              "rule), by llama.cpp and by lopper on the same file (transformers' GGUF reader, float32). Speed: "
              "llama-bench, median tokens/s; each speed-up against the input beside its limit (prompt processing: matmul "

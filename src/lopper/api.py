@@ -2,7 +2,6 @@
 generated from these dataclasses, so a flag and a keyword are always the same thing."""
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -14,8 +13,7 @@ import torch
 
 from .version import __version__
 from .errors import LopperError
-from .evaluate import (STREAMED_WINDOWS, calibration_loss, count_params, perplexity, planned_params,
-                       teacher_outputs, weights_size)
+from .evaluate import STREAMED_WINDOWS, count_params, perplexity, planned_params, weights_size
 from .arch import adapter_for
 from .importance import collect, width_scores
 from .layerwise import is_streamed
@@ -29,7 +27,7 @@ from .search import Candidates
 from . import sparsity as sp
 from . import zeroshot
 from .select import SEARCH_FIT, SEARCH_HELD, Target, choose, default_round_to, solve_params
-from .surgery import apply, silenced
+from .surgery import apply
 from .text import BUILTIN, SELF, calibration_windows, generated_windows, start_token
 
 log = logging.getLogger("lopper")
@@ -500,9 +498,7 @@ def plan(args: PlanArgs | None = None, /, **kwargs) -> Plan:
     p.meta["repair"] = args.repair  # what `prune --plan` with --repair auto replays
     p.meta["predicted"] = planned_params(model, type(adapter), p)
     p.sparsity = sp.plan_settings(args) or p.sparsity
-    tmp = out.with_name(f".{out.name}.tmp")
-    p.save(tmp)
-    tmp.replace(out)
+    _write_atomic(out, p.to_json())
     return p
 
 
@@ -511,7 +507,7 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
     args = resolve_args(PruneArgs, args, kwargs)
     args.check()
     source = model_source(args.model, args.gguf_file)
-    to_gguf = gguf_out.wanted(args.out)
+    to_gguf = is_gguf(args.out)
     (gguf_out.check_output if to_gguf else check_output)(args.out, args.force, source)
     if to_gguf:
         _check_gguf_out(args, source)
@@ -564,7 +560,7 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
         _add_perplexity(report, ppl_before, model, tok, args)
         if to_gguf:
             report["gguf"] = gguf_out.write(model, adapter, source, args.out, args.gguf_type)
-            p.save(gguf_out.beside(args.out, PLAN_FILE))
+            _write_atomic(gguf_out.beside(args.out, PLAN_FILE), p.to_json())
             out = Path(args.out)
         else:
             out = save(model, args.out, source=source, tokenizer=tok, plan=p, report=report, dtype=saved_dtype,
@@ -589,6 +585,8 @@ def _check_gguf_out(args: PruneArgs, source: str) -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """A whole file or none: written beside, then renamed over `path`."""
+    path = Path(path)
     tmp = path.parent / f".{path.name}.lopper-tmp"
     tmp.write_text(text)
     tmp.replace(path)

@@ -35,10 +35,10 @@ from .version import __version__
 from .errors import LopperError
 from .evaluate import count_params
 from . import gguf_out
-from .options import Options, arg_field, resolve_args, set_quiet
+from .options import arg_field, resolve_args, set_quiet
 from .plan import Plan
-from .io import (PLAN_FILE, checkpoint_dtype, add_legacy_config_keys, check_output, copy_side_files, load_model, read_config,
-                 staged)
+from .io import (PLAN_FILE, checkpoint_dtype, add_legacy_config_keys, check_output, copy_side_files, is_gguf, load_model,
+                 read_config, staged)
 
 log = logging.getLogger("lopper")
 FORMATS = ("nemotron-nas", "gguf")
@@ -114,7 +114,7 @@ def export_gguf(args: ExportArgs) -> dict:
 def _plan_source(folder: str) -> str:
     plan = Path(folder) / PLAN_FILE
     source = Plan.load(plan).meta.get("source", "") if plan.is_file() else ""
-    if not gguf_out.wanted(source):
+    if not is_gguf(source):
         raise LopperError(f"{folder} was not pruned from a GGUF file (its plan names {source or 'no source'}): give "
                           "--template FILE.gguf, the GGUF of the same model before pruning")
     return source
