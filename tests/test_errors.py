@@ -213,3 +213,59 @@ def test_the_same_inputs_without_the_defect_work(world, tmp_path):
     assert report["structures"]["mlp"]["after"] < report["structures"]["mlp"]["before"]
     lopper.prune(model=str(world["other"]), plan=str(world["other_plan"]), out=str(tmp_path / "b"), quiet=True)
     lopper.plan(model=str(world["src"]), out=str(tmp_path / "c.json"), mlp=0.5, drop_layers=2, **FAST)
+
+
+# every flag that names an input file or folder, per command: (flag or "MODEL" for the positional, extra flags)
+PATH_FLAGS = {
+    "plan": ["MODEL", "config", "calib", "plan"],
+    "prune": ["MODEL", "config", "calib", "plan", "eval_text"],
+    "eval": ["MODEL", "config", "text", "task_data"],
+    "heal": ["MODEL", "config", "teacher", "text", "eval_text"],
+    "bench": ["MODEL"],
+    "export": ["MODEL", "template"],
+}
+GOOD = {"plan": ["--mlp", "0.5"], "prune": ["--mlp", "0.5"], "eval": ["--tasks", "piqa"], "bench": [],
+        "heal": ["--tokens", "64", "--seq-len", "16"], "export": ["--format", "gguf"]}
+
+
+def path_flag_argv(command: str, flag: str, world, work: Path) -> list[str]:
+    """The command with good inputs except `flag`, which names a file that does not exist."""
+    missing = str(world["missing"])
+    model = missing if flag == "MODEL" else str(world["src"])
+    out = {"plan": ["--out", str(work / "plan.json")], "prune": ["--out", str(work / "out")],
+           "heal": ["--out", str(work / "out"), "--teacher", str(world["src"]), "--text", str(world["short"])],
+           "export": ["--out", str(work / "out.gguf")], "eval": ["--json", str(work / "e.json")],
+           "bench": ["--json", str(work / "b.json")]}[command]
+    good = [] if flag == "plan" else GOOD[command]  # a replayed plan takes no other selection
+    argv = [command, model, *out, *good] + (["--quiet"] if command != "heal" else [])
+    if flag != "MODEL":
+        option = "--" + flag.replace("_", "-")
+        if option in argv:
+            argv[argv.index(option) + 1] = missing
+        else:
+            argv += [option, missing]
+    return argv
+
+
+def test_the_flags_walked_are_every_path_valued_flag():
+    from dataclasses import fields
+
+    from lopper.cli import COMMANDS
+    pathlike = {"model", "models", "config", "calib", "plan", "eval_text", "text", "task_data", "teacher", "template"}
+    for command, (cls, _, _) in COMMANDS.items():
+        names = {f.name for f in fields(cls)} & pathlike
+        assert {"MODEL" if n in ("model", "models") else n for n in names} == set(PATH_FLAGS[command]), command
+
+
+@pytest.mark.parametrize("command,flag", [(c, f) for c, flags in PATH_FLAGS.items() for f in flags])
+def test_a_missing_input_path_is_named_and_nothing_is_written(command, flag, world, tmp_path, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    inputs = snapshot(world["src"])
+    assert main(path_flag_argv(command, flag, world, work)) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("lopper: error: ") and str(world["missing"]) in err
+    if flag != "MODEL":
+        assert "--" + flag.replace("_", "-") in err
+    assert list(work.iterdir()) == []
+    assert snapshot(world["src"]) == inputs

@@ -280,5 +280,5 @@ def test_decay_must_fit_after_the_warmup():
     from lopper.heal.args import HealArgs
 
     with pytest.raises(LopperError, match="--decay"):
-        HealArgs(model="m", out="o", text=["t"], kd_weight=0.0, warmup=0.5, decay=0.6, schedule="wsd").check_group()
-    HealArgs(model="m", out="o", text=["t"], kd_weight=0.0, warmup=0.9).check_group()  # cosine: --decay unused
+        HealArgs(model="m", out="o", text=[__file__], kd_weight=0.0, warmup=0.5, decay=0.6, schedule="wsd").check_group()
+    HealArgs(model="m", out="o", text=[__file__], kd_weight=0.0, warmup=0.9).check_group()  # cosine: --decay unused

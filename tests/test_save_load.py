@@ -229,3 +229,27 @@ def test_prune_leaves_the_source_untouched_and_copies_the_tokenizer(model_dir, t
     assert {p.name for p in out.iterdir()} >= {"config.json", "model.safetensors", "lopper_plan.json",
                                               "lopper_report.json", "tokenizer.json", "tokenizer_config.json"}
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folders left beside it
+
+
+def test_the_report_is_final_when_the_folder_appears_and_every_file_has_one_mode(model_dir, tmp_path, monkeypatch):
+    """The report is written once, inside the staged folder: what is renamed into place already holds the size on
+    disk and the phase times (a reader never sees a report rewritten after the rename)."""
+    import os
+
+    from lopper import io
+    src = model_dir("llama", **shape("llama", True))
+    out = tmp_path / "out"
+    seen = {}
+    rename = os.rename
+
+    def watch(a, b):
+        if Path(b) == out:
+            seen.update(json.loads((Path(a) / "lopper_report.json").read_text()))
+        rename(a, b)
+
+    monkeypatch.setattr(io.os, "rename", watch)
+    report = lopper.prune(model=str(src), out=str(out), **STANDARD, **CALIB)
+    assert seen == json.loads((out / "lopper_report.json").read_text()) == json.loads(json.dumps(report))
+    assert seen["size_bytes_after"] == (out / "model.safetensors").stat().st_size
+    assert "cut_save_evaluate" in seen["phases_seconds"]
+    assert len({p.stat().st_mode & 0o777 for p in out.iterdir()}) == 1

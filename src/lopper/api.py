@@ -20,7 +20,7 @@ from .layerwise import is_streamed
 from .io import (DTYPES, PLAN_FILE, REPORT_FILE, check_output, checkpoint_dtype, is_gguf, load_model, model_class,
                  model_source, read_config, resolve_dtype, save, staged, write_beside)
 from . import gguf_out, memory, stream
-from .options import Options, arg_field, flag, resolve_args, set_quiet
+from .options import Options, arg_field, existing, flag, resolve_args, set_quiet
 from .plan import Plan
 from .repair import repair
 from .search import Candidates
@@ -82,6 +82,7 @@ class RemoveOptions(Options):
         return bool(self.params or self.drop_layers or self.heads or self.mlp or self.hidden or self.experts)
 
     def check_group(self) -> None:
+        existing("plan", self.plan, "a plan JSON, as `lopper plan MODEL --out PLAN.json` writes")
         if not 0.0 <= self.params < 1.0:
             raise LopperError(f"--params {self.params} is out of range: give the fraction to remove, 0 <= F < 1")
         if self.params and (self.drop_layers or self.heads or self.mlp or self.hidden):
@@ -285,6 +286,9 @@ class EvalTextOptions(Options):
     eval_seq_len: int = arg_field(512, "window for --eval-text")
     eval_max_tokens: int = arg_field(0, "cap on --eval-text tokens (0: all)")
 
+    def check_group(self) -> None:
+        existing("eval_text", self.eval_text, "the path of a UTF-8 text file")
+
 
 @dataclass(kw_only=True)
 class PruneArgs(Selection, OutputOptions, EvalTextOptions, gguf_out.GgufOptions):
@@ -310,6 +314,8 @@ class EvalOptions(Options):
     def check_group(self) -> None:
         if (self.limit or self.task_data) and not self.tasks:
             raise LopperError("--limit and --task-data apply to zero-shot tasks: add --tasks, e.g. --tasks lambada,piqa")
+        existing("text", self.text, "the path of a UTF-8 text file")
+        existing("task_data", self.task_data, "a folder of task data (layout: docs/zeroshot.md)", folder=True)
         if self.seq_len < 2:
             raise LopperError(f"--seq-len {self.seq_len} is too small: use at least 2")
 
@@ -544,9 +550,8 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
             report = _report(args, source, standard, before, model, adapter, p, sparse, estimate, t0,
                              time.time() - t_repair)
             _add_perplexity(report, ppl_before, model, tok, args)
-            write_beside(tmp, source=source, tokenizer=tok, plan=p, report=report,
+            write_beside(tmp, source=source, tokenizer=tok, plan=p, report=_finisher(report, phases, source),
                          files=sparse.files() if sparse else None)
-        out = Path(args.out)
     else:
         if search is not None and search.best is not None:
             model, adapter, p, standard = search.take(p)  # the search's winner, cut and repaired already
@@ -561,17 +566,25 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
         if to_gguf:
             report["gguf"] = gguf_out.write(model, adapter, source, args.out, args.gguf_type)
             _write_atomic(gguf_out.beside(args.out, PLAN_FILE), p.to_json())
-            out = Path(args.out)
+            _write_atomic(gguf_out.beside(args.out, REPORT_FILE),
+                          json.dumps(_finisher(report, phases, source)(Path(args.out)), indent=2) + "\n")
         else:
-            out = save(model, args.out, source=source, tokenizer=tok, plan=p, report=report, dtype=saved_dtype,
-                       force=args.force, files=sparse.files() if sparse else None)
-    report["size_bytes_after"] = weights_size(out)
-    report["phases_seconds"] = phases.lap("cut_save_evaluate", ("repair", report["repair_seconds"]))
-    if Path(source).exists():  # a folder, or a .gguf file
-        report["size_bytes_before"] = weights_size(source)
-    _write_atomic(gguf_out.beside(out, REPORT_FILE) if to_gguf else out / REPORT_FILE,
-                  json.dumps(report, indent=2) + "\n")
+            save(model, args.out, source=source, tokenizer=tok, plan=p, report=_finisher(report, phases, source),
+                 dtype=saved_dtype, force=args.force, files=sparse.files() if sparse else None)
     return report
+
+
+def _finisher(report: dict, phases: Phases, source: str):
+    """written -> the final report: sizes on disk of what was written (the staged folder, or the .gguf) and of the
+    source, and the time of each phase; called once the weights are written, before the folder is renamed, so the
+    report is written once."""
+    def finish(written: Path) -> dict:
+        report["size_bytes_after"] = weights_size(written)
+        report["phases_seconds"] = phases.lap("cut_save_evaluate", ("repair", report["repair_seconds"]))
+        if Path(source).exists():  # a folder, or a .gguf file
+            report["size_bytes_before"] = weights_size(source)
+        return report
+    return finish
 
 
 def _check_gguf_out(args: PruneArgs, source: str) -> None:

@@ -35,7 +35,7 @@ from .version import __version__
 from .errors import LopperError
 from .evaluate import count_params
 from . import gguf_out
-from .options import arg_field, resolve_args, set_quiet
+from .options import arg_field, existing, resolve_args, set_quiet
 from .plan import Plan
 from .io import (PLAN_FILE, checkpoint_dtype, add_legacy_config_keys, check_output, copy_side_files, is_gguf, load_model,
                  read_config, staged)
@@ -69,6 +69,7 @@ class ExportArgs(gguf_out.GgufOptions):
             raise LopperError("no model given: pass the pruned model folder to export")
         if not self.out:
             raise LopperError("no --out given: name the output folder")
+        existing("template", self.template, "the GGUF file the model was pruned from")
 
 
 def ffn_width(ffn_mult: float, hidden: int) -> int:

@@ -8,6 +8,7 @@ import os
 import shutil
 from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
+from typing import Callable
 
 import torch
 import transformers
@@ -253,11 +254,13 @@ def check_output(out: str | Path, force: bool, source: str) -> Path:
     return out
 
 
-def save(model, out: str | Path, *, source: str, tokenizer, plan: Plan | None, report: dict, dtype: torch.dtype | None,
-         force: bool = False, files: dict[str, bytes] | None = None) -> Path:
+def save(model, out: str | Path, *, source: str, tokenizer, plan: Plan | None, report: dict | Callable[[Path], dict],
+         dtype: torch.dtype | None, force: bool = False, files: dict[str, bytes] | None = None) -> Path:
     """Write weights (safetensors), config, tokenizer files, the plan and the report into a temporary sibling folder,
     then rename it to `out`; an existing `out` is replaced only with force=True, and only after the new one is
-    complete. `files`: more files (name -> bytes) to write beside the weights, e.g. the sparsity masks."""
+    complete. `files`: more files (name -> bytes) to write beside the weights, e.g. the sparsity masks. `report` may
+    be a function of the staged folder, called once everything else is in it (the report then holds the size on disk
+    of what is renamed)."""
     with staged(out, force, source) as tmp:
         if dtype is not None:
             model.to(dtype)
@@ -266,16 +269,29 @@ def save(model, out: str | Path, *, source: str, tokenizer, plan: Plan | None, r
     return Path(out)
 
 
-def write_beside(folder: Path, *, source: str, tokenizer, plan: Plan | None, report: dict,
+def write_beside(folder: Path, *, source: str, tokenizer, plan: Plan | None, report: dict | Callable[[Path], dict],
                  files: dict[str, bytes] | None = None) -> None:
-    """What goes beside the weights and config.json: legacy config keys, tokenizer files, plan, report, `files`."""
+    """What goes beside the weights and config.json: legacy config keys, tokenizer files, plan, `files`, and last
+    the report (`report(folder)` when it is a function). Every file gets the mode a new file gets here (the
+    safetensors writer leaves its temporary file's 600)."""
     add_legacy_config_keys(folder / "config.json")
     copy_side_files(source, folder, tokenizer)
     if plan is not None:  # heal of a model that lopper did not prune
         plan.save(folder / PLAN_FILE)
-    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     for name, data in (files or {}).items():
         (folder / name).write_bytes(data)
+    report = report(folder) if callable(report) else report
+    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    mode = 0o666 & ~current_umask()
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(mode)
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager

@@ -33,6 +33,12 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def existing(name: str, value: str, what: str, folder: bool = False) -> None:
+    """Refuse a path-valued flag whose file (or folder) is not there, by the flag's name, before any work."""
+    if value and not (Path(value).is_dir() if folder else Path(value).is_file()):
+        raise LopperError(f"{flag(name)} {value} does not exist: give {what}")
+
+
 def convert(value, kind, name: str):
     """`value` as `kind` (int, float, str, bool or list[str]); strings from the CLI or a recipe are parsed."""
     bad = LopperError(f"{flag(name)} {value!r} is not {_KIND_NAMES.get(kind, kind)}: give e.g. "

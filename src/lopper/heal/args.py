@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import LopperError
-from ..options import Options, arg_field, files_field, flag
+from ..options import Options, arg_field, existing, files_field, flag
 
 
 @dataclass(kw_only=True)
@@ -86,6 +86,8 @@ class HealArgs(Options):
             raise LopperError(f"--lr {self.lr} must not be negative")
         if self.eval_every and not self.eval_text:
             raise LopperError("--eval-every needs --eval-text: name a held-out text file")
+        for name, path in [("text", p) for p in self.text] + [("eval_text", self.eval_text)]:
+            existing(name, path, "the path of a UTF-8 text file")
 
     def peak_lr(self) -> float:
         return self.lr or (5e-4 if self.lora else 1e-4)

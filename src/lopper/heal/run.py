@@ -117,6 +117,16 @@ def heal(args: HealArgs | None = None, /, **kwargs) -> dict | None:
     args = resolve_args(HealArgs, args, kwargs)
     args.check()
     run = setup(args)
+    try:
+        return _heal(run)
+    except BaseException:
+        if run.main and not args.resume and not _checkpoints(run.work):  # nothing to resume: leave no work folder
+            shutil.rmtree(run.work, ignore_errors=True)
+        raise
+
+
+def _heal(run: Run) -> dict | None:
+    args = run.args
     if args.eval_text and not run.state.evals:
         evaluate(run)
     if not train(run):
@@ -145,6 +155,11 @@ def setup(args: HealArgs) -> Run:
     if encoder and not args.teacher:
         raise LopperError("encoders are healed by distilling their sentence embeddings: pass --teacher ORIGINAL")
     use_teacher = encoder or args.kd_weight > 0
+    if use_teacher:
+        try:
+            read_config(args.teacher)  # before anything loads
+        except LopperError as e:
+            raise LopperError(f"--teacher {args.teacher}: {e}") from None
     if use_teacher and Path(args.teacher).exists() and out.resolve() == Path(args.teacher).resolve():
         raise LopperError(f"--out {out} is the teacher: write the healed model to another folder")
     work = work_dir(out)
