@@ -19,10 +19,39 @@ from hypothesis import settings  # noqa: E402
 
 from tiny import save_tiny  # noqa: E402
 
-# CI (.ci/run) draws the same examples on every run, so that a merge is never decided by a lucky draw; a local run
-# draws new ones (and hypothesis replays any failure it found from its database)
-settings.register_profile("ci", derandomize=True, print_blob=True)
+# CI (.ci/run) draws examples seeded from the commit: every commit checks new draws (over time far more than the few
+# examples a test runs each time), and rerunning one commit draws the same ones, so a failure is reproduced by its
+# seed (printed in the header: `pytest --hypothesis-seed N`). A local run draws new ones (and hypothesis replays any
+# failure it found from its database).
+settings.register_profile("ci", print_blob=True, database=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def commit_seed() -> int | None:
+    """The first 32 bits of the checked-out commit, or None outside a git checkout."""
+    import subprocess
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return int(head[:8], 16) if len(head) >= 8 else None
+
+
+@pytest.hookimpl(tryfirst=True)  # before hypothesis reads the seed option in its own
+def pytest_configure(config):
+    if os.environ.get("HYPOTHESIS_PROFILE") == "ci" and config.getoption("hypothesis_seed", None) is None:
+        seed = commit_seed()
+        if seed is None:
+            settings.register_profile("ci", print_blob=True, database=None, derandomize=True)
+            settings.load_profile("ci")
+        else:
+            config.option.hypothesis_seed = seed
+
+
+def pytest_report_header(config):
+    seed = config.getoption("hypothesis_seed", None)
+    return f"hypothesis seed: {seed} (rerun the same draws with --hypothesis-seed {seed})" if seed is not None else None
 
 
 @pytest.fixture(scope="session")

@@ -93,7 +93,7 @@ def moe_archs(draw, family: str, kind: str, tied: bool) -> dict:
     arch = dict(family=family, seed=draw(st.integers(0, 2**16)), layers=layers, experts=experts,
                 top_k=draw(st.integers(1, min(2, experts - 1))), per=draw(st.integers(2, 12)),
                 kv_heads=draw(st.integers(1, 2)), tied=tied)
-    arch["heads"] = arch["kv_heads"] * draw(st.integers(1, 3))
+    arch["heads"] = arch["kv_heads"] * draw(st.integers(2 if kind == "heads" else 1, 3))
     arch["head_dim"] = 8 if arch["heads"] < 3 else 4
     if family != "mixtral":
         arch["dense"] = draw(st.lists(st.integers(0, layers - 1), max_size=1, unique=True))
@@ -104,8 +104,10 @@ def moe_archs(draw, family: str, kind: str, tied: bool) -> dict:
 
 
 def draw_moe_plan(data, adapter, kind: str) -> Plan:
-    """A random valid plan that removes something of `kind` (every structure for 'all') in the first kept layer that
-    has it; random plans may remove nothing the outputs show (all experts and channels kept)."""
+    """A random valid plan that removes something of `kind` (every structure for 'all') that the outputs show: the
+    first kept layer always loses some of it. 'mlp' is what `--mlp F` cuts: dense MLP layers, the shared expert and
+    the channels inside every kept expert (so Mixtral, which has no dense MLP, is cut too). Whole experts ('experts')
+    are the one cut the outputs may not show: no token may have been routed to the expert removed."""
     plan = identity_plan(adapter)
     sig = plan.model
     if kind in ("layers", "all"):
@@ -114,17 +116,18 @@ def draw_moe_plan(data, adapter, kind: str) -> Plan:
         entry, must = plan.per_layer[i], n == 0
         if kind in ("heads", "all"):
             draw_heads(data, plan, i, "any", "strict" if must and sig["heads"][i] > sig["kv_heads"][i] else "any")
-        if sig["experts"][i] and kind in ("experts", "expert_mlp", "all"):
+        if sig["experts"][i] and kind in ("experts", "expert_mlp", "mlp", "all"):
             e, per = sig["experts"][i], sig["expert_mlp"][i] // sig["experts"][i]
             top_k = adapter.config.num_experts_per_tok
             entry["experts"] = kept(data, e, f"layer {i} experts", strict=kind == "experts", least=top_k) \
-                if kind != "expert_mlp" else list(range(e))
-            count = data.draw(st.integers(1, per - 1 if kind == "expert_mlp" else per), label=f"layer {i} per expert")
+                if kind in ("experts", "all") else list(range(e))
+            inside = kind in ("expert_mlp", "mlp") or (kind == "all" and must)
+            count = data.draw(st.integers(1, per - 1 if inside else per), label=f"layer {i} per expert")
             entry["expert_mlp"] = sorted(x * per + j for x in entry["experts"]
                                          for j in data.draw(st.permutations(range(per)))[:count])
         for key in ("mlp", "shared_mlp"):
             if sig.get(key, [0] * (i + 1))[i] and kind in ("mlp", "all"):
-                entry[key] = kept(data, sig[key][i], f"layer {i} {key}", strict=False)
+                entry[key] = kept(data, sig[key][i], f"layer {i} {key}", strict=must)
     if kind in ("hidden", "all"):
         plan.hidden = kept(data, sig["hidden"], "hidden", strict=True, least=max(1, sig["hidden"] // 2))
     return plan

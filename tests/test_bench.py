@@ -92,3 +92,27 @@ def test_bad_arguments(kw, msg):
         pytest.skip("CUDA is available here")
     with pytest.raises(LopperError, match=msg):
         bench(**kw)
+
+
+def test_speedups_follow_a_fake_timer_that_charges_flops(model_dir, tmp_path, monkeypatch):
+    """Wall-clock speed-ups of tiny models on a shared CPU say nothing; a timer that charges each call its FLOPs
+    (torch's FlopCounterMode) checks what bench does with times: a model with a third of its layers dropped must come
+    out about 1.5x faster in prefill (the FLOP limit) and faster in decode, not slower, not the other way round."""
+    import importlib
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flop_seconds(fn, device):
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops() / 1e9
+
+    monkeypatch.setattr(importlib.import_module("lopper.bench"), "timed", flop_seconds)
+    src, out = str(model_dir("llama")), tmp_path / "d1"
+    lopper.prune(model=src, out=str(out), drop_layers=1, width_metric="magnitude", calib_samples=2, seq_len=16,
+                 quiet=True)
+    q = bench(models=[src, str(out)], **FAST)["ratios"][1]
+    assert q["prefill_limit"] == pytest.approx(LAYERS / (LAYERS - 1))
+    assert q["prefill_speedup"] == pytest.approx(q["prefill_limit"], rel=0.05)
+    for k in ("decode_speedup_batch_1", "decode_speedup_batch_2"):
+        assert 1.2 < q[k] < q["prefill_limit"], k  # the lm_head's share of each step is not cut
