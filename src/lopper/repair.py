@@ -108,7 +108,7 @@ def _toward_teacher(adapter, layers, i, nxt, cuts, xs, ts, calls, damp, alpha, c
         with resident(layers[j]):
             outs = [call_layer(layers[j], y, calls[b][j]) for b, y in enumerate(outs)]
     gap = {w: (lambda b, x, y, seen: mids[b] - x - sum(seen[v][1] for v in first)) for w in first}
-    _fit(layer, first, cuts, xs, step, damp, gap, alpha)
+    _fit(layer, first, cuts, xs, step, damp, gap, alpha, stop=True)
     zero(_within(cuts, attn))
     mlp = adapter.mlp_out(layer)
     gap = {mlp: lambda b, x, y, seen: outs[b] - y} if mlp is not None else {}
@@ -121,31 +121,41 @@ def _within(cuts: dict, module: nn.Module) -> dict:
     return {k: v for k, v in cuts.items() if id(k[0]) in inside}
 
 
-def _run(layer, x, call, modules):
-    """Layer output, and (input, output) of each of `modules` on the way."""
+class _Seen(Exception):
+    """Raised once every module asked for has run, when the rest of the layer is not needed."""
+
+
+def _run(layer, x, call, modules, stop: bool = False):
+    """Layer output, and (input, output) of each of `modules` on the way; with `stop`, the layer is left as soon as
+    all of them have run and the output is None (the attention writers' refit needs no MLP: most of a layer's
+    work in the models lopper cuts)."""
     seen = {}
 
     def grab(module, args, out):
         seen[module] = (args[0], out)
+        if stop and len(seen) == len(modules):
+            raise _Seen
 
     hooks = [m.register_forward_hook(grab) for m in modules]
     try:
         return call_layer(layer, x, call), seen
+    except _Seen:
+        return None, seen
     finally:
         for h in hooks:
             h.remove()
 
 
-def _fit(layer, writers, cuts, xs, step, damp, gaps=None, alpha=0.0, choose=None):
+def _fit(layer, writers, cuts, xs, step, damp, gaps=None, alpha=0.0, choose=None, stop=False):
     """Refit `writers` of `layer` on the inputs it sees from the cut stream xs: Gram matrices [X 1]^T [X 1] (the 1
     column only with a bias) and, for the writers in `gaps` (b, x, y, seen) -> E [.., out], X^T E; `choose`
-    (grams, cross) may change `cuts` first."""
+    (grams, cross) may change `cuts` first. `stop`: the gaps do not read the layer's output y (None)."""
     if not writers:
         return
     grams: dict[nn.Module, torch.Tensor] = {}
     cross: dict[nn.Module, torch.Tensor] = {}
     for b, x in enumerate(xs):
-        y, seen = _run(layer, x, step[b], writers)
+        y, seen = _run(layer, x, step[b], writers, stop)
         for w in writers:
             a = seen[w][0].reshape(-1, seen[w][0].shape[-1]).float()
             if w.bias is not None:

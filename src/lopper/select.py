@@ -234,8 +234,8 @@ def solve_params(model, adapter: Adapter, target: Target, stats: Stats, scores: 
     """Remove `frac` of the non-embedding parameters. For each share of it given to depth (block influence), the
     rest goes to MLP width, then heads if MLP alone cannot reach it; counts are exact (each candidate is applied to
     an empty copy). `shares` given (--depth-share): those. Else with `score` (plan -> a number, lower is better,
-    recorded under `metric`), the shares of SEARCH_SHARES are walked: the middle three first, then outward while
-    the best is at an edge, so a model that wants more width or more depth gets it; the lowest wins. Without
+    recorded under `metric`), the shares of SEARCH_SHARES are walked: 0.25 and 0.5 first, then outward while
+    the best is at an edge (_walk), so a model that wants more width or more depth gets it; the lowest wins. Without
     either, UNIFORM_DEPTH_SHARE for uniform widths, global_depth_share for per-layer (global) widths, and where
     whole layers are too coarse for that share (a few layers, each a large part of the model) the nearest layer
     count that reaches `frac`."""
@@ -277,8 +277,11 @@ SEARCH_FIT, SEARCH_HELD = 16, 8
 
 
 def _walk(candidate, score, metric: str) -> list[dict]:
-    """Score the candidates of SEARCH_SHARES[1:4], then step outward from the best while it sits at the edge of
-    what was scored; shares that give the same layer count are scored once."""
+    """Score the shares 0.25 and 0.5 of SEARCH_SHARES, then step outward from the best while it sits at the edge of
+    what was scored (0 after 0.25; 0.75, then 1, after 0.5); shares that give the same layer count are scored once.
+    Where the score has one minimum over the shares, this ends at it after three scores (four when it lies at 0.75
+    or beyond): each score is a full repair, and starting from the middle three took a fourth whenever the best
+    was width only or depth only."""
     done: dict[int, dict | None] = {}
     by_layers: dict[int, dict] = {}
 
@@ -295,7 +298,7 @@ def _walk(candidate, score, metric: str) -> list[dict]:
                      c[metric])
         done[i] = c
 
-    for i in (1, 2, 3):
+    for i in (1, 2):
         visit(i)
     while True:
         scored = {i: c for i, c in done.items() if c is not None}
