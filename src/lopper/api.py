@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .version import __version__
-from .errors import LopperError
+from .errors import LopperError, one_line
 from .evaluate import STREAMED_WINDOWS, count_params, perplexity, planned_params, weights_size
 from .arch import adapter_for
 from .importance import collect, width_scores
@@ -20,7 +20,8 @@ from .layerwise import is_streamed
 from .io import (DTYPES, PLAN_FILE, REPORT_FILE, check_output, checkpoint_dtype, is_gguf, load_model, model_class,
                  model_source, read_config, resolve_dtype, save, staged, write_beside)
 from . import gguf_out, memory, stream
-from .options import Options, arg_field, existing, flag, resolve_args, set_quiet
+from . import report as report_page
+from .options import Options, arg_field, command_line, existing, flag, resolve_args, set_quiet
 from .plan import Plan
 from .repair import repair
 from .search import Candidates
@@ -550,7 +551,7 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
             report = _report(args, source, standard, before, model, adapter, p, sparse, estimate, t0,
                              time.time() - t_repair)
             _add_perplexity(report, ppl_before, model, tok, args)
-            write_beside(tmp, source=source, tokenizer=tok, plan=p, report=_finisher(report, phases, source),
+            write_beside(tmp, source=source, tokenizer=tok, plan=p, report=_finisher(report, phases, source, p),
                          files=sparse.files() if sparse else None)
     else:
         if search is not None and search.best is not None:
@@ -567,22 +568,28 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
             report["gguf"] = gguf_out.write(model, adapter, source, args.out, args.gguf_type)
             _write_atomic(gguf_out.beside(args.out, PLAN_FILE), p.to_json())
             _write_atomic(gguf_out.beside(args.out, REPORT_FILE),
-                          json.dumps(_finisher(report, phases, source)(Path(args.out)), indent=2) + "\n")
+                          json.dumps(_finisher(report, phases, source, p)(Path(args.out)), indent=2) + "\n")
         else:
-            save(model, args.out, source=source, tokenizer=tok, plan=p, report=_finisher(report, phases, source),
+            save(model, args.out, source=source, tokenizer=tok, plan=p, report=_finisher(report, phases, source, p),
                  dtype=saved_dtype, force=args.force, files=sparse.files() if sparse else None)
     return report
 
 
-def _finisher(report: dict, phases: Phases, source: str):
+def _finisher(report: dict, phases: Phases, source: str, p: Plan):
     """written -> the final report: sizes on disk of what was written (the staged folder, or the .gguf) and of the
     source, and the time of each phase; called once the weights are written, before the folder is renamed, so the
-    report is written once."""
+    report is written once. The report page (report.py) goes beside it when matplotlib is installed."""
     def finish(written: Path) -> dict:
         report["size_bytes_after"] = weights_size(written)
         report["phases_seconds"] = phases.lap("cut_save_evaluate", ("repair", report["repair_seconds"]))
         if Path(source).exists():  # a folder, or a .gguf file
             report["size_bytes_before"] = weights_size(source)
+        if report_page.available():
+            page = written / report_page.PAGE_FILE if written.is_dir() else gguf_out.beside(written, report_page.PAGE_FILE)
+            try:
+                page.write_text(report_page.render(report, p))
+            except Exception as e:  # a plot must never cost the cut model
+                log.warning("the report page could not be drawn (%s): `lopper report` draws it again", one_line(e))
         return report
     return finish
 
@@ -649,7 +656,7 @@ def _report(args, source, standard, before, model, adapter, p, sparse, estimate,
         "params_non_embedding_after": after["params_non_embedding"],
         "structures": {k: {"before": before["structures"][k], "after": after["structures"][k]}
                        for k in before["structures"]},
-        "plan": p.meta, "args": asdict(args),
+        "plan": p.meta, "args": asdict(args), "command": command_line("prune", args),
     }
     if sparse:
         report["sparsity"] = sparse.report()

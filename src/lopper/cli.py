@@ -11,6 +11,7 @@ from .errors import LopperError
 from .bench import BenchArgs, bench
 from .export import ExportArgs, export
 from .heal import HealArgs, heal
+from .report import ReportArgs, write_report_page
 from .options import flag, groups, resolve_args
 
 COMMANDS = {
@@ -22,6 +23,8 @@ COMMANDS = {
     "bench": (BenchArgs, bench, "parameters, FLOPs, size, memory, prefill and decode speed of models, with ratios"),
     "export": (ExportArgs, export, "rewrite a pruned model in a layout serving engines read with per-layer widths "
                "(nemotron-nas)"),
+    "report": (ReportArgs, write_report_page, "draw a pruned model's report and plan as one HTML page with plots "
+               "(needs lopper[report])"),
 }
 
 

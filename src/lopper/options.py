@@ -39,6 +39,21 @@ def existing(name: str, value: str, what: str, folder: bool = False) -> None:
         raise LopperError(f"{flag(name)} {value} does not exist: give {what}")
 
 
+def command_line(command: str, args) -> str:
+    """`lopper COMMAND ...` for an arguments dataclass: the positional fields, then every flag whose value is not
+    its default (what a report records so that the run can be repeated)."""
+    words = ["lopper", command]
+    for f in fields(args):
+        value = getattr(args, f.name)
+        if f.metadata.get("positional"):
+            words += [str(v) for v in value] if isinstance(value, list) else [str(value)]
+        elif value != (f.default if f.default is not MISSING else []) and value not in ("", None, False) \
+                and f.name != "quiet":
+            words += [flag(f.name)] if value is True else \
+                [flag(f.name), *(map(str, value) if isinstance(value, list) else [str(value)])]
+    return " ".join(words)
+
+
 def convert(value, kind, name: str):
     """`value` as `kind` (int, float, str, bool or list[str]); strings from the CLI or a recipe are parsed."""
     bad = LopperError(f"{flag(name)} {value!r} is not {_KIND_NAMES.get(kind, kind)}: give e.g. "

@@ -117,6 +117,8 @@ def choose(adapter: Adapter, target: Target, stats: Stats | None, scores: WidthS
         keep = _valid_hidden(adapter, keep, k, heads_keep)
         plan.hidden = _top(scores.hidden, keep)
     plan.meta = {"target": {n: v for n, v in vars(target).items() if n != "drop_fn"} | {"round_to": k}}
+    if stats is not None:  # what the report draws per layer: ShortGPT's block influence, whichever metric chose
+        plan.meta["block_influence"] = [round(float(b), 6) for b in block_influence(stats)]
     return plan
 
 
