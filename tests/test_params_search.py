@@ -187,3 +187,23 @@ def test_cut_search_scores_each_cut_before_repair_and_repairs_the_kept_one(model
     report = lopper.prune(model=str(src), out=str(tmp_path / "out"), **kw)
     assert report["plan"]["params"]["choice"] == chosen["choice"]
     assert report["plan"]["units"].startswith("MLP channels chosen by the repair")  # repaired once, after the search
+
+
+@pytest.mark.parametrize("protect_first", [1, 0])
+def test_the_search_repairs_on_one_teacher_stream_exactly_as_each_repair_alone(model_dir, tmp_path, monkeypatch,
+                                                                               protect_first):
+    """The unpruned stream computed once for every candidate (repair.TeacherStream) gives the models that each
+    candidate's own repair gives, weight for weight (also when the first layers are dropped)."""
+    import importlib
+
+    from safetensors.torch import load_file
+    src = model_dir("llama", layers=6, heads=4, kv_heads=2, head_dim=8, mlp=64)
+    kw = dict(params=0.33, calib_samples=6, seq_len=16, round_to=4, quiet=True, protect_first=protect_first)
+    a = lopper.prune(model=str(src), out=str(tmp_path / "a"), **kw)
+    monkeypatch.setattr(importlib.import_module("lopper.api"), "teacher_stream", lambda *args: None)
+    b = lopper.prune(model=str(src), out=str(tmp_path / "b"), **kw)
+    assert a["plan"]["params"]["candidates"] == [{**c, "seconds": x["seconds"]} for c, x in
+                                                 zip(b["plan"]["params"]["candidates"],
+                                                     a["plan"]["params"]["candidates"])]
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)

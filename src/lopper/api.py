@@ -23,7 +23,7 @@ from . import gguf_out, memory, stream
 from . import report as report_page
 from .options import Options, arg_field, command_line, existing, flag, resolve_args, set_quiet
 from .plan import Plan
-from .repair import repair
+from .repair import TeacherStream, repair, teacher_stream
 from .search import Candidates
 from . import sparsity as sp
 from . import zeroshot
@@ -469,19 +469,28 @@ def mix_candidates(args: Selection, model, adapter, windows: list[torch.Tensor] 
 
 
 def _repair_for(args: Selection):
+    """The repair of each search candidate: the run's, with the unpruned model's stream on the windows computed
+    once, from the first candidate's copy before it is cut (repair.TeacherStream: the same values, a fifth less
+    work per candidate)."""
     if args.repair != "lsq":
         return None
-    return lambda model, adapter, p, windows: run_repair(args, model, adapter, p, windows, quiet=True)
+    streams: dict[int, TeacherStream | None] = {}
+
+    def run(model, adapter, p, windows):
+        if args.repair_correct > 0 and id(windows) not in streams:
+            streams[id(windows)] = teacher_stream(model, adapter, windows)
+        run_repair(args, model, adapter, p, windows, quiet=True, stream=streams.get(id(windows)))
+    return run
 
 
 def run_repair(args: Selection, model, adapter, p: Plan, windows: list[torch.Tensor], quiet: bool,
-               after=None) -> None:
+               after=None, stream: TeacherStream | None = None) -> None:
     """`--repair lsq` with the options in `args`; a replayed --plan keeps its channels (a plan is what is kept),
     else (--repair-units obs) the repair re-chooses the MLP channels in `p` and says so in its meta. So `lopper plan`
     predicts a direct prune's counts exactly and its MLP channels only with --repair-units plan or --repair none."""
     reselect = args.repair_units == "obs" and not args.plan
     repair(model, adapter, p, windows, damp=args.repair_damp, correct=args.repair_correct, reselect=reselect,
-           quiet=quiet, after=after)
+           quiet=quiet, after=after, stream=stream)
     if reselect:
         p.meta["units"] = "MLP channels chosen by the repair (greedy OBS on calibration inputs)"
 

@@ -17,7 +17,8 @@ The in-memory path holds the whole model at the compute dtype all along; on top 
   (the embedding's, [vocab, hidden]), all float32;
 - the --params search (kl, the default, or loss): two more copies of the model (the candidate being tried and the
   best so far, cut, which the estimate counts at full size), the candidate's repair, and with kl the unpruned
-  model's log-probabilities on SEARCH_HELD windows, float16.
+  model's log-probabilities on SEARCH_HELD windows, float16, and the unpruned residual stream that every
+  candidate's repair reads (repair.TeacherStream: 2 x layers + 1 boundaries of [samples, seq_len, hidden]).
 The estimate is weights + the largest phase + the runtime (torch and Python, about 0.5 GB on CPU). Measured on
 the issue's 0.72B random Llama (hidden 2560, 8 layers, bf16 checkpoint of 1.44 GB, 8 x 256 calibration tokens,
 --repair lsq, CPU float32): 5.42 GB peak resident, against 4.86 GB from this rule. Planning accuracy, not a
@@ -80,7 +81,8 @@ def estimate_prune(shape: dict, *, dtype: torch.dtype, device: str, checkpoint_b
         "repair": repair_bytes,
         "sparsity": (4 * (2 * h * h + shape["attention"] ** 2 + shape["mlp"] ** 2) if sparsegpt else 0)
         + (shape["layers"] * shape["layer_params"] // 8 if sparse or sparsegpt else 0),
-        "search": 2 * weights + repair_bytes + SEARCH_HELD * L * shape["vocab"] * 2 if search else 0,
+        "search": 2 * weights + repair_bytes + SEARCH_HELD * L * shape["vocab"] * 2
+        + ((2 * shape["layers"] + 1) * n * L * h * size if repair and correct > 0 else 0) if search else 0,
         "fisher": 4 * (seq_len * (shape["layers"] + 1) * h + 8 * seq_len * (shape["mlp"] + h)
                        + 3 * seq_len * shape["vocab"] + shape["vocab"] * h) if fisher else 0,
     }

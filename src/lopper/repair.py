@@ -28,7 +28,7 @@ cut units masked to zero, so `surgery.apply` afterwards gives the same function,
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -42,15 +42,47 @@ from .plan import Plan
 from .surgery import removed_cuts, zero
 
 
+@dataclass
+class TeacherStream:
+    """The unpruned model's residual stream on the calibration batches: inputs[i] (one [1, T, hidden] per batch)
+    entering layer i, inputs[L] after the last layer, and mids[i] after layer i's attention. A repair with
+    `correct` > 0 runs it beside the cut model; a --params search repairs several candidates on the same batches,
+    so it is computed once for all of them ((2L + 1) x tokens x hidden in the model's dtype, the same values the
+    repair would compute)."""
+    inputs: list[list[torch.Tensor]]
+    mids: list[list[torch.Tensor]]
+
+
+@torch.no_grad()
+def teacher_stream(model: nn.Module, adapter: Adapter, batches: list[torch.Tensor]) -> TeacherStream | None:
+    """`model` (not yet cut) on `batches`, layer by layer; None where the repair runs no teacher (post-norm)."""
+    if not adapter.writes_residual():
+        return None
+    xs, calls = capture_layer_inputs(model, adapter, batches)
+    stream = TeacherStream([xs], [])
+    for i, layer in enumerate(adapter.layers()):
+        with resident(layer):
+            first = _attention_writers(adapter, layer)
+            outs, mids = [], []
+            for b, x in enumerate(stream.inputs[-1]):
+                y, seen = _run(layer, x, calls[b][i], first)
+                mids.append(x + sum(seen[w][1] for w in first))
+                outs.append(y)
+        stream.inputs.append(outs)
+        stream.mids.append(mids)
+    return stream
+
+
 @torch.no_grad()
 def repair(model: nn.Module, adapter: Adapter, plan: Plan, batches: list[torch.Tensor], damp: float = 0.001,
            correct: float = 0.3, reselect: bool = False, quiet: bool = False,
-           after: Callable[[int], None] | None = None) -> None:
+           after: Callable[[int], None] | None = None, stream: TeacherStream | None = None) -> None:
     """Mask the plan's cuts into `model` and refit the writers of every kept layer (in place, full width); with
     `correct` > 0 (alpha above) in pre-norm decoders, every kept layer's writers are refit, cut or not. With
     `reselect`, which MLP channels each layer keeps is chosen here by greedy OBS (`obs_keep`), the counts staying
     the plan's; `plan` is updated to the channels kept. `after(i)` runs once kept layer i is final, while it is
-    still resident (the streamed prune cuts and writes it then); nothing reads layer i after that."""
+    still resident (the streamed prune cuts and writes it then); nothing reads layer i after that. `stream`: the
+    unpruned stream on these batches, computed already (teacher_stream)."""
     cuts = removed_cuts(adapter, plan)
     layers = list(adapter.layers())
     if not cuts and len(plan.layers) == len(layers):
@@ -63,19 +95,20 @@ def repair(model: nn.Module, adapter: Adapter, plan: Plan, batches: list[torch.T
     xs, calls = capture_layer_inputs(model, adapter, batches)
     ts = None
     if teacher:
-        ts = [x.clone() for x in xs]  # the unpruned stream, captured before any cut is masked
+        ts = stream or _leading(layers, plan.layers[0], [x.clone() for x in xs], calls)  # before any cut is masked
         if outside:
             zero(outside)
             xs = capture_layer_inputs(model, adapter, batches)[0]
     for pos, i in enumerate(tqdm(plan.layers, desc="repair", disable=quiet, leave=False)):
         with resident(layers[i]):
-            xs, ts = _repair_layer(adapter, plan, layers, pos, cuts, xs, ts, calls, damp, correct, reselect)
+            xs = _repair_layer(adapter, plan, layers, pos, cuts, xs, ts, calls, damp, correct, reselect)
             if after is not None:
                 after(i)
 
 
 def _repair_layer(adapter, plan, layers, pos, cuts, xs, ts, calls, damp, correct, reselect):
-    """One kept layer's refit; returns the cut stream after it and (with a teacher) the unpruned stream."""
+    """One kept layer's refit; returns the cut stream after it. `ts` (with a teacher): the unpruned stream, whole
+    (a TeacherStream given to repair) or as far as it has been computed (inputs[-1] enters layer i)."""
     i = plan.layers[pos]
     layer, teacher = layers[i], ts is not None
     step = [c[i] for c in calls]
@@ -83,37 +116,53 @@ def _repair_layer(adapter, plan, layers, pos, cuts, xs, ts, calls, damp, correct
         if reselect else None
     if teacher:
         nxt = plan.layers[pos + 1] if pos + 1 < len(plan.layers) else len(layers)
-        ts = _toward_teacher(adapter, layers, i, nxt, cuts, xs, ts, calls, damp, correct, choose)
+        _toward_teacher(adapter, layers, i, nxt, cuts, xs, ts, calls, damp, correct, choose)
     else:
         _fit(layer, [w for w in adapter.writers(layer) if (w, in_dim(w)) in cuts], cuts, xs, step, damp,
              choose=choose)
     zero(_within(cuts, layer))
-    return [call_layer(layer, x, step[b]) for b, x in enumerate(xs)], ts
+    return [call_layer(layer, x, step[b]) for b, x in enumerate(xs)]
 
 
-def _toward_teacher(adapter, layers, i, nxt, cuts, xs, ts, calls, damp, alpha, choose=None):
+def _leading(layers, first: int, xs: list[torch.Tensor], calls) -> TeacherStream:
+    """The unpruned stream entering the first kept layer: through the dropped layers before it, if any."""
+    for j in range(first):
+        with resident(layers[j]):
+            xs = [call_layer(layers[j], x, calls[b][j]) for b, x in enumerate(xs)]
+    return TeacherStream([xs], [])
+
+
+def _attention_writers(adapter: Adapter, layer: nn.Module) -> list[nn.Module]:
+    attn = adapter.attention(layer)
+    return [w for w in adapter.writers(layer) if any(w is m for m in attn.modules())]
+
+
+def _toward_teacher(adapter, layers, i, nxt, cuts, xs, ts: TeacherStream, calls, damp, alpha, choose=None):
     """Refit layer i's attention writers toward the unpruned stream after the attention, then (with the attention
-    cut and refit) its MLP writer toward the unpruned stream entering the next kept layer `nxt`. Returns that
-    unpruned stream."""
+    cut and refit) its MLP writer toward the unpruned stream entering the next kept layer `nxt`; the unpruned stream
+    up to `nxt` is computed here unless `ts` holds it already."""
     layer, attn = layers[i], adapter.attention(layers[i])
     step = [c[i] for c in calls]
-    first = [w for w in adapter.writers(layer) if any(w is m for m in attn.modules())]
+    first = _attention_writers(adapter, layer)
     rest = [w for w in adapter.writers(layer) if not any(w is m for m in first)]
-    mids, outs = [], []
-    for b, t in enumerate(ts):
-        y, seen = _run(layer, t, step[b], first)
-        mids.append(t + sum(seen[w][1] for w in first))
-        outs.append(y)
-    for j in range(i + 1, nxt):  # the dropped layers that follow, one resident at a time
-        with resident(layers[j]):
-            outs = [call_layer(layers[j], y, calls[b][j]) for b, y in enumerate(outs)]
+    if len(ts.inputs) <= nxt:  # not given whole: layer i and the dropped layers after it, on the unpruned stream
+        mids, outs = [], []
+        for b, t in enumerate(ts.inputs[-1]):
+            y, seen = _run(layer, t, step[b], first)
+            mids.append(t + sum(seen[w][1] for w in first))
+            outs.append(y)
+        for j in range(i + 1, nxt):  # one resident at a time
+            with resident(layers[j]):
+                outs = [call_layer(layers[j], y, calls[b][j]) for b, y in enumerate(outs)]
+        ts.inputs[-1:], ts.mids[-1:] = [outs], [mids]  # only the stream entering the next kept layer is kept
+    else:
+        mids, outs = ts.mids[i], ts.inputs[nxt]
     gap = {w: (lambda b, x, y, seen: mids[b] - x - sum(seen[v][1] for v in first)) for w in first}
     _fit(layer, first, cuts, xs, step, damp, gap, alpha, stop=True)
     zero(_within(cuts, attn))
     mlp = adapter.mlp_out(layer)
     gap = {mlp: lambda b, x, y, seen: outs[b] - y} if mlp is not None else {}
     _fit(layer, rest, cuts, xs, step, damp, gap, alpha, choose)
-    return outs
 
 
 def _within(cuts: dict, module: nn.Module) -> dict:
