@@ -31,7 +31,7 @@ from lopper.importance import collect, width_scores
 from lopper.io import load_model
 from lopper.select import SEARCH_HELD, SEARCH_SHARES, default_round_to, solve_params
 from lopper.surgery import apply, silenced
-from lopper.text import read_text, token_stream
+from lopper.text import BUILTIN, calibration_windows, read_text, token_stream
 
 ROOT = Path(__file__).resolve().parent.parent
 WIKI = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -48,6 +48,11 @@ def parse() -> argparse.Namespace:
     p.add_argument("--json", default="")
     p.add_argument("--diagnose", type=int, default=0, help="also the KL of each cut before its repair (held-out "
                    "calibration windows) and the KL before and after it on the first N WikiText-2 windows")
+    p.add_argument("--held", type=int, default=0, help="also the KL after the repair, window by window, on N further "
+                   "self-generated windows and on N windows of the built-in calibration text (real text the repair "
+                   "never saw): which held-out set ranks the mixes as WikiText-2 does, and with what standard error")
+    p.add_argument("--no-short", action="store_true", help="skip the short-repair kl / loss scores (two repairs "
+                   "per candidate)")
     p.add_argument("--keep", default="", help="an earlier result of the same model and level: its candidates' "
                    "search scores and WikiText-2 figures are carried over (the same calibration gives the same cut)")
     a = p.parse_args()
@@ -103,7 +108,7 @@ def render(path: str) -> None:
         d = c["vs_best_log_ppl"]
         full = f"{c['kl_full']:.4f}" if "kl_full" in c else "-"
         lines.append(f"| {c['depth_share']} | {c['drop_layers']} | {c['widths'].get('mlp', '-')} | "
-                     f"{c['removed']:.2%} | {c['kl']:.4f} | {c['loss']:.4f} | {full} | {c['perplexity']:.2f} | "
+                     f"{c['removed']:.2%} | {_f(c, 'kl')} | {_f(c, 'loss')} | {full} | {c['perplexity']:.2f} | "
                      f"{d['mean']:+.4f} ({d['stderr']:.4f}) |")
     diag = [c for c in r["candidates"] if "kl_cut" in c]
     if diag:
@@ -115,14 +120,39 @@ def render(path: str) -> None:
         lines += [f"| {c['depth_share']} | {c['kl_cut']:.4f} | {c['kl_full']:.4f} | "
                   f"{statistics.fmean(c['kl_cut_wiki']):.4f} | {statistics.fmean(c['kl_wiki']):.4f} | "
                   f"{c['perplexity']:.2f} |" for c in diag]
-    m = r["machine"]
+    lines += _held_table(r)
+    m, picks = r["machine"], r["search_picks"]
     lines += ["", f"Best on WikiText-2: share {r['best_on_wikitext']}; the kl search picks "
-              f"{r['search_picks']['kl']}, the loss search {r['search_picks']['loss']}, kl full "
+              f"{picks.get('kl', '-')}, the loss search {picks.get('loss', '-')}, kl full "
               f"{r['search_picks'].get('kl_full', '-')} (over every share here; the "
-              "search itself walks from the middle three). "
+              "search itself scores width only and half by depth, then deeper while depth wins). "
               f"Machine: {m['cpu']}, {m['threads']} threads, torch {m['torch']}, transformers {m['transformers']}; "
               f"{r['seconds']:.0f} s.", ""]
     Path(path).with_suffix(".md").write_text("\n".join(lines))
+
+
+def _f(row: dict, key: str) -> str:
+    return f"{row[key]:.4f}" if key in row else "-"
+
+
+def _held_table(r: dict) -> list[str]:
+    """KL after the repair on each held-out set, mean and paired against the candidate best on WikiText-2."""
+    ok = [c for c in r["candidates"] if "kl_self" in c]
+    if not ok:
+        return []
+    best = next(c for c in ok if c["depth_share"] == r["best_on_wikitext"])
+    sets = [k for k in ("kl_self", "kl_builtin", "kl_wiki") if k in best]
+    names = {"kl_self": "self-generated", "kl_builtin": "built-in text", "kl_wiki": "WikiText-2"}
+    lines = ["", f"KL after the repair on held-out windows ({', '.join(f'{names[k]} {len(best[k])}' for k in sets)}), "
+             "mean, and paired against the share best on WikiText-2 (mean difference, standard error):", "",
+             "| depth share | " + " | ".join(names[k] for k in sets) + " |", "|---:|" + "---:|" * len(sets)]
+    for c in ok:
+        cells = []
+        for k in sets:
+            d = paired(c[k], best[k])
+            cells.append(f"{statistics.fmean(c[k]):.4f} ({d['mean']:+.4f}, {d['stderr']:.4f})")
+        lines.append(f"| {c['depth_share']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def main() -> None:
@@ -134,8 +164,10 @@ def main() -> None:
     model, tok, adapter = load_model(a.model)
     args = resolve_repair(PruneArgs(model=a.model, out="unused", params=a.params, quiet=True), tok)
     args = replace(args, calib="self")
-    windows = calibration(replace(args, calib_samples=args.calib_samples + SEARCH_HELD), model, tok)
+    windows = calibration(replace(args, calib_samples=args.calib_samples + max(SEARCH_HELD, a.held)), model, tok)
     windows, extra = windows[:args.calib_samples], windows[args.calib_samples:]  # the first 64 as the prune's
+    held = {"self": extra[:a.held], "builtin": calibration_windows(tok, BUILTIN, a.held, args.seq_len)} if a.held else {}
+    extra = extra[:SEARCH_HELD]
     kept = {c["depth_share"]: c for c in json.loads(Path(a.keep).read_text())["candidates"]} if a.keep else {}
     stats = collect(model, adapter, windows, quiet=True)
     scores = width_scores(adapter, stats, args.width_metric)
@@ -158,7 +190,7 @@ def main() -> None:
                "removed": plan.meta["params"]["removed"]}
         if share in kept and "nll" in kept[share]:
             row.update({k: kept[share][k] for k in ("kl", "loss", "search_seconds", "nll")})
-        else:
+        elif not a.no_short:
             row.update({"kl": kl(plan), "loss": ce(plan), "search_seconds": round(time.time() - t, 1)})
         trial, p = copy.deepcopy(model), copy.deepcopy(plan)
         trial_adapter = type(adapter)(trial)
@@ -179,10 +211,12 @@ def main() -> None:
         row.setdefault("nll", window_nll(trial, test))
         if a.diagnose:
             row["kl_wiki"] = window_kl(model, trial, test[:a.diagnose])
+        for name, ids in held.items():
+            row[f"kl_{name}"] = window_kl(model, trial, ids)
         row["perplexity"] = math.exp(statistics.fmean(row["nll"]))
         row["seconds"] = round(time.time() - t, 1)
-        print(f"share {share}: {row['drop_layers']} layers, kl {row['kl']:.4f}, loss {row['loss']:.4f}, "
-              f"kl after the full repair {row['kl_full']:.4f}, "
+        print(f"share {share}: {row['drop_layers']} layers, kl {row.get('kl', math.nan):.4f}, "
+              f"loss {row.get('loss', math.nan):.4f}, kl after the full repair {row['kl_full']:.4f}, "
               f"wikitext {row['perplexity']:.2f} ({row['seconds']} s)", flush=True)
         rows.append(row)
         del trial
@@ -199,6 +233,8 @@ def write(a: argparse.Namespace, rows: list[dict], base: list[float], windows, t
         r["vs_best_log_ppl"] = paired(r["nll"], best["nll"])
     picked = {m: min((r for r in ok if m in r), key=lambda r: r[m])["depth_share"] for m in ("kl", "loss", "kl_full")
               if any(m in r for r in ok)}
+    picked.update({m: min((r for r in ok if m in r), key=lambda r: statistics.fmean(r[m]))["depth_share"]
+                   for m in ("kl_self", "kl_builtin", "kl_wiki") if any(m in r for r in ok)})
     flags = [f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, list) else str(v))
              for k, v in vars(a).items() if v not in ("", None)]
     result = {

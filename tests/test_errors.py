@@ -223,9 +223,10 @@ PATH_FLAGS = {
     "heal": ["MODEL", "config", "teacher", "text", "eval_text"],
     "bench": ["MODEL"],
     "export": ["MODEL", "template"],
+    "report": ["MODEL"],
 }
 GOOD = {"plan": ["--mlp", "0.5"], "prune": ["--mlp", "0.5"], "eval": ["--tasks", "piqa"], "bench": [],
-        "heal": ["--tokens", "64", "--seq-len", "16"], "export": ["--format", "gguf"]}
+        "heal": ["--tokens", "64", "--seq-len", "16"], "export": ["--format", "gguf"], "report": []}
 
 
 def path_flag_argv(command: str, flag: str, world, work: Path) -> list[str]:
@@ -235,7 +236,7 @@ def path_flag_argv(command: str, flag: str, world, work: Path) -> list[str]:
     out = {"plan": ["--out", str(work / "plan.json")], "prune": ["--out", str(work / "out")],
            "heal": ["--out", str(work / "out"), "--teacher", str(world["src"]), "--text", str(world["short"])],
            "export": ["--out", str(work / "out.gguf")], "eval": ["--json", str(work / "e.json")],
-           "bench": ["--json", str(work / "b.json")]}[command]
+           "bench": ["--json", str(work / "b.json")], "report": ["--out", str(work / "page.html")]}[command]
     good = [] if flag == "plan" else GOOD[command]  # a replayed plan takes no other selection
     argv = [command, model, *out, *good] + (["--quiet"] if command != "heal" else [])
     if flag != "MODEL":

@@ -62,27 +62,56 @@ def test_rule_takes_half_by_depth(model_dir, tmp_path):
     assert "search" not in chosen and len(chosen["candidates"]) == 1
 
 
-@settings(max_examples=8, deadline=None)
-@given(best=st.sampled_from(SEARCH_SHARES))
-def test_walk_reaches_the_best_share_wherever_it_is(best):
-    """A score that is lowest at one share and grows away from it: the walk must end there, having scored only the
-    shares 0.25 and 0.5 and the shares on the way (never the far side)."""
+def walk_setup():
     torch.manual_seed(0)
     model = tiny_model("llama", layers=10, heads=4, kv_heads=2, head_dim=8, mlp=64)
     adapter = adapter_for(model)
     ids = [torch.randint(3, 96, (1, 16)) for _ in range(2)]
     stats = collect(model, adapter, ids, quiet=True)
-    scores = width_scores(adapter, stats, "activation")
-    frac = 0.4  # 4 of 10 layers at share 1: every share is a different layer count
-    layers_at = {round(s * frac * 10): s for s in SEARCH_SHARES}
-    p = solve_params(model, adapter, Target(round_to=4), stats, scores, frac, metric="kl",
-                     score=lambda plan: abs(layers_at[10 - len(plan.layers)] - best))
+    return model, adapter, stats, width_scores(adapter, stats, "activation")
+
+
+FRAC = 0.4  # 4 of 10 layers at share 1: every share is a different layer count
+LAYERS_AT = {round(s * FRAC * 10): s for s in SEARCH_SHARES}
+
+
+@settings(max_examples=8, deadline=None)
+@given(best=st.sampled_from(SEARCH_SHARES))
+def test_walk_goes_deeper_only_while_depth_wins(best):
+    """A score that is lowest at one share and grows away from it (one value per plan, no noise to weigh): the walk
+    scores width only and half by depth, then deeper while the deepest is the best; a best at 0.25, between the two
+    it starts from, loses to width only on the tie."""
+    model, adapter, stats, scores = walk_setup()
+    p = solve_params(model, adapter, Target(round_to=4), stats, scores, FRAC, metric="kl",
+                     score=lambda plan: abs(LAYERS_AT[10 - len(plan.layers)] - best))
     chosen = p.meta["params"]
-    assert layers_at[chosen["choice"]["drop_layers"]] == best
-    scored = sorted(layers_at[c["drop_layers"]] for c in chosen["candidates"])
-    i = SEARCH_SHARES.index(best)  # 0.25 and 0.5, and outward to one past the best (0 when it is 0.25 or 0)
-    lo, hi = (0, 2) if i <= 1 else (1, min(4, i + 1))
-    assert scored == list(SEARCH_SHARES[lo:hi + 1])
+    scored = sorted(LAYERS_AT[c["drop_layers"]] for c in chosen["candidates"])
+    deepest = max(2, SEARCH_SHARES.index(best) + 1 if best >= 0.5 else 2)
+    assert scored == [0.0] + list(SEARCH_SHARES[2:min(deepest, 4) + 1])
+    assert LAYERS_AT[chosen["choice"]["drop_layers"]] == (best if best != 0.25 else 0.0)
+
+
+@pytest.mark.parametrize("gap,picked", [(0.3, 0.0), (3.0, 0.5)])
+def test_more_depth_must_win_by_more_than_one_standard_error(gap, picked):
+    """Half by depth lower than width only on average by `gap` standard errors of the paired per-window difference:
+    within one, the fewer dropped layers win; beyond it, the depth (and then 0.75 is scored, and loses)."""
+    from lopper.search import Score
+    model, adapter, stats, scores = walk_setup()
+    noise = [0.1, -0.1, 0.2, -0.2, 0.05, -0.05, 0.15, -0.15]
+    stderr = (sum(x * x for x in noise) / (len(noise) - 1) / len(noise)) ** 0.5
+    level = {0.0: 1.0, 0.5: 1.0 - gap * stderr, 0.75: 1.5, 1.0: 2.0}
+
+    def score(plan):
+        share = LAYERS_AT[10 - len(plan.layers)]
+        return Score([level[share] + (x if share == 0.0 else 0.0) for x in noise])
+
+    p = solve_params(model, adapter, Target(round_to=4), stats, scores, FRAC, metric="kl", score=score)
+    chosen = p.meta["params"]
+    assert LAYERS_AT[chosen["choice"]["drop_layers"]] == picked
+    assert sorted(LAYERS_AT[c["drop_layers"]] for c in chosen["candidates"]) == ([0.0, 0.5] if picked == 0.0 else
+                                                                                 [0.0, 0.5, 0.75])
+    width = next(c for c in chosen["candidates"] if c["drop_layers"] == 0)
+    assert width["vs_lowest"]["mean"] == pytest.approx(gap * stderr, abs=1e-6) and "windows" not in width
 
 
 def test_explicit_share_is_not_second_guessed(model_dir, tmp_path):
@@ -153,7 +182,7 @@ def test_a_calibration_file_too_short_for_the_search_says_so(model_dir, tmp_path
     src = model_dir("llama", layers=4, heads=4, kv_heads=2, head_dim=8, mlp=64)
     text = tmp_path / "short.txt"
     text.write_text(" ".join(f"w{i % 50}" for i in range(40)))  # about 110 tokens: 4 windows of 16, not 12
-    with pytest.raises(lopper.LopperError, match="scores its candidates on 8 windows beyond --calib-samples 4"):
+    with pytest.raises(lopper.LopperError, match="scores its candidates on 32 windows beyond --calib-samples 4"):
         lopper.plan(model=str(src), out=str(tmp_path / "p.json"), params=0.3, calib=str(text), calib_samples=4,
                     seq_len=16, quiet=True)
     lopper.plan(model=str(src), out=str(tmp_path / "p.json"), params=0.3, calib=str(text), calib_samples=4,

@@ -341,7 +341,7 @@ def resolve_repair(args: Selection, tokenizer) -> Selection:
 
 def calibration(args: Selection, model, tokenizer) -> list[torch.Tensor] | None:
     """Calibration windows, if the chosen criteria or repair need any; SEARCH_HELD more at the end when a --params
-    search runs (mix_candidates splits them off)."""
+    search runs (mix_candidates splits them off; a text too short for them holds back a half or a quarter)."""
     needs = not args.plan and (args.width_metric in ("activation", "fisher", "fluctuation") or args.params
                                or args.target_speedup or args.drop_layers)
     if not (needs or args.repair != "none" or sp.needs_calibration(args)):
@@ -360,13 +360,13 @@ def calibration(args: Selection, model, tokenizer) -> list[torch.Tensor] | None:
         log.info(f"calibration: {args.calib_samples} x {seq_len} tokens sampled from the model (--calib self)"
                  + (f", and {SEARCH_HELD} more to score the --params search on" if held else ""))
         return generated_windows(model, tokenizer, args.calib_samples + held, seq_len)
-    try:
-        return calibration_windows(tokenizer, source, args.calib_samples + held, seq_len)
-    except LopperError as e:
-        if not held:
-            raise
-        raise LopperError(f"{e} (the --params search scores its candidates on {held} windows beyond "
-                          f"--calib-samples {args.calib_samples}; or pass --params-search rule)") from None
+    for n in (held, held // 2, held // 4) if held else (0,):  # a short text holds back fewer windows
+        try:
+            return calibration_windows(tokenizer, source, args.calib_samples + n, seq_len)
+        except LopperError as e:
+            error = e
+    raise LopperError(f"{error} (the --params search scores its candidates on {held} windows beyond "
+                      f"--calib-samples {args.calib_samples}; or pass --params-search rule)") from None
 
 
 def default_calib(args: Selection, model, tokenizer, streamed: bool = False) -> str:
@@ -451,7 +451,7 @@ def candidate_score(args: Selection, model, adapter, windows: list[torch.Tensor]
     scores the whole repair instead (mix_candidates)."""
     cut = min(SEARCH_FIT, max(1, len(windows) * 3 // 4))
     fit, held = windows[:cut], windows[cut:][-SEARCH_HELD:] or windows
-    return Candidates(model, adapter, fit, held, metric, _repair_for(args), keep_best=False)
+    return Candidates(model, adapter, fit, held, metric, _repair_for(args), keep=False)
 
 
 def mix_candidates(args: Selection, model, adapter, windows: list[torch.Tensor] | None,
@@ -462,9 +462,9 @@ def mix_candidates(args: Selection, model, adapter, windows: list[torch.Tensor] 
     search = args.scored_search(streamed)
     if not search:
         return windows, None
-    fit, held = windows[:-SEARCH_HELD], windows[-SEARCH_HELD:]
+    fit, held = windows[:args.calib_samples], windows[args.calib_samples:]
     if search == "cut":  # each candidate scored as cut, before any repair; the run repairs the one it keeps
-        return fit, Candidates(model, adapter, fit, held, "kl", None, keep_best=False, label="kl_cut")
+        return fit, Candidates(model, adapter, fit, held, "kl", None, keep=False, label="kl_cut")
     return fit, Candidates(model, adapter, fit, held, search, _repair_for(args))
 
 
@@ -508,7 +508,7 @@ def plan(args: PlanArgs | None = None, /, **kwargs) -> Plan:
     args = replace(resolve_repair(args, tok), calib=default_calib(args, model, tok, streamed))
     windows, search = mix_candidates(args, model, adapter, calibration(args, model, tok), streamed)
     p = make_plan(args, model, adapter, windows, search)
-    if search is not None and search.best is not None:
+    if search is not None and search.kept:
         p = search.take(p)[2]  # with the MLP channels the repair chose: what `prune` will keep
     p.meta["source"] = source
     p.meta["repair"] = args.repair  # what `prune --plan` with --repair auto replays
@@ -563,7 +563,7 @@ def prune(args: PruneArgs | None = None, /, **kwargs) -> dict:
             write_beside(tmp, source=source, tokenizer=tok, plan=p, report=_finisher(report, phases, source, p),
                          files=sparse.files() if sparse else None)
     else:
-        if search is not None and search.best is not None:
+        if search is not None and search.kept:
             model, adapter, p, standard = search.take(p)  # the search's winner, cut and repaired already
         else:
             if args.repair == "lsq":

@@ -103,21 +103,29 @@ def teacher_outputs(model: nn.Module, windows: list[torch.Tensor], log_probs: bo
 
 
 @torch.no_grad()
-def calibration_loss(model: nn.Module, windows: list[torch.Tensor], reference: list[torch.Tensor] | None = None):
-    """Mean over the windows of: without `reference`, next-token cross-entropy (causal LMs); with the unpruned
-    model's log-probabilities [L, vocab] (teacher_outputs), the per-token KL(unpruned || this model); with its
+def window_losses(model: nn.Module, windows: list[torch.Tensor], reference: list[torch.Tensor] | None = None
+                  ) -> list[float]:
+    """Per window: without `reference`, next-token cross-entropy (causal LMs); with the unpruned model's
+    log-probabilities [L, vocab] (teacher_outputs), the mean per-token KL(unpruned || this model); with its
     mean-pooled outputs [1, hidden] (encoders), 1 - cosine of the pooled outputs."""
     device = next(model.parameters()).device
-    total = 0.0
+    out_values = []
     for k, ids in enumerate(windows):
         out = model(input_ids=ids.to(device))
         if reference is None:
-            total += torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), ids[0, 1:].to(device)).item()
+            value = torch.nn.functional.cross_entropy(out.logits[0, :-1].float(), ids[0, 1:].to(device)).item()
         elif hasattr(out, "logits"):
             teacher = reference[k].to(device).float()
             student = out.logits[0].float().log_softmax(-1)
-            total += (teacher.exp() * (teacher - student)).sum(-1).mean().item()
+            value = (teacher.exp() * (teacher - student)).sum(-1).mean().item()
         else:
             pooled = out.last_hidden_state.float().mean(1)
-            total += 1 - torch.nn.functional.cosine_similarity(pooled, reference[k].to(device)).mean().item()
-    return total / len(windows)
+            value = 1 - torch.nn.functional.cosine_similarity(pooled, reference[k].to(device)).mean().item()
+        out_values.append(value)
+    return out_values
+
+
+def calibration_loss(model: nn.Module, windows: list[torch.Tensor], reference: list[torch.Tensor] | None = None):
+    """The mean of window_losses."""
+    values = window_losses(model, windows, reference)
+    return sum(values) / len(values)

@@ -15,8 +15,8 @@ The in-memory path holds the whole model at the compute dtype all along; on top 
   by hand when streamed), one layer's recomputed activations (about 4 x [L, I] and 4 x [L, hidden] with their
   gradients), the logits [L, vocab] in float32 with their softmax and gradient, and the largest weight's gradient
   (the embedding's, [vocab, hidden]), all float32;
-- the --params search (kl, the default, or loss): two more copies of the model (the candidate being tried and the
-  best so far, cut, which the estimate counts at full size), the candidate's repair, and with kl the unpruned
+- the --params search (kl, the default, or loss): three more copies of the model (the candidate being tried and
+  the scored ones the rule may still choose, counted at full size), the candidate's repair, with kl the unpruned
   model's log-probabilities on SEARCH_HELD windows, float16, and the unpruned residual stream that every
   candidate's repair reads (repair.TeacherStream: 2 x layers + 1 boundaries of [samples, seq_len, hidden]).
 The estimate is weights + the largest phase + the runtime (torch and Python, about 0.5 GB on CPU). Measured on
@@ -81,7 +81,7 @@ def estimate_prune(shape: dict, *, dtype: torch.dtype, device: str, checkpoint_b
         "repair": repair_bytes,
         "sparsity": (4 * (2 * h * h + shape["attention"] ** 2 + shape["mlp"] ** 2) if sparsegpt else 0)
         + (shape["layers"] * shape["layer_params"] // 8 if sparse or sparsegpt else 0),
-        "search": 2 * weights + repair_bytes + SEARCH_HELD * L * shape["vocab"] * 2
+        "search": 3 * weights + repair_bytes + SEARCH_HELD * L * shape["vocab"] * 2
         + ((2 * shape["layers"] + 1) * n * L * h * size if repair and correct > 0 else 0) if search else 0,
         "fisher": 4 * (seq_len * (shape["layers"] + 1) * h + 8 * seq_len * (shape["mlp"] + h)
                        + 3 * seq_len * shape["vocab"] + shape["vocab"] * h) if fisher else 0,

@@ -4,7 +4,8 @@ A candidate is cut and repaired on a copy of the model exactly as the run will c
 calibration windows that the repair never saw: with `kl`, the mean per-token KL(unpruned || cut) of the next-token
 distributions (all of them, not only the sampled token, so 8 windows say more than a cross-entropy on the same
 tokens would); with `loss`, the cross-entropy on the windows' own tokens; encoders: 1 - cosine of the pooled
-outputs. The best candidate's model is kept, so the run saves the very model that won and does not repair again.
+outputs. The scored candidates' models are kept, so the run saves the very model it chose and does not repair
+again.
 
 Why the whole repair and not a short one: a score is only as good as its likeness to the model that will be saved.
 Repaired on 16 windows instead of 64, SmolLM2's candidates ranked by KL put the depth-only cut first and the
@@ -23,9 +24,20 @@ import torch
 from torch import nn
 
 from .arch import Adapter
-from .evaluate import calibration_loss, teacher_outputs
+from .evaluate import teacher_outputs, window_losses
 from .plan import Plan
 from .surgery import apply, log, recorded, silenced
+
+
+class Score(float):
+    """A candidate's score (the mean over the held-out windows) that also carries the value of each window, so that
+    two candidates can be compared window by window (select.least_depth_within_noise)."""
+    windows: list[float]
+
+    def __new__(cls, windows: list[float]):
+        score = super().__new__(cls, sum(windows) / len(windows))
+        score.windows = windows
+        return score
 
 
 @dataclass
@@ -38,16 +50,18 @@ class Scored:
 
 
 class Candidates:
-    """plan -> score (lower is better) of the model cut and repaired by that plan; `best` holds the lowest one's
-    model. `repair(model, adapter, plan, windows)` is the run's repair (None: no repair)."""
+    """plan -> score (lower is better; a Score, with each window's value) of the model cut and repaired by that
+    plan; with `keep`, every scored candidate's model is kept until `take` hands over the chosen one (the choice
+    need not be the lowest mean: select.least_depth_within_noise). `repair(model, adapter, plan, windows)` is the
+    run's repair (None: no repair)."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, fit: list[torch.Tensor], held: list[torch.Tensor],
-                 metric: str, repair: Callable | None, keep_best: bool = True, label: str = ""):
+                 metric: str, repair: Callable | None, keep: bool = True, label: str = ""):
         self.model, self.adapter, self.fit, self.held = model, adapter, fit, held
-        self.metric, self.repair, self.keep_best = metric, repair, keep_best
+        self.metric, self.repair, self.keep = metric, repair, keep
         self.label = label or metric  # the score's name in the plan's record
         self.reference = teacher_outputs(model, held, log_probs=metric == "kl")
-        self.best: Scored | None = None
+        self.kept: dict[tuple, Scored] = {}  # every scored candidate's model, by kept layers, until one is taken
 
     def __call__(self, plan: Plan) -> float:
         trial, p = copy.deepcopy(self.model), copy.deepcopy(plan)
@@ -57,18 +71,18 @@ class Candidates:
                 self.repair(trial, trial_adapter, p, self.fit)
         with recorded() as lines:
             standard = apply(trial, trial_adapter, p)
-        value = calibration_loss(trial, self.held, self.reference)
-        if self.keep_best and (self.best is None or value < self.best.value):
-            self.best = Scored(value, trial, p, standard, lines)
+        value = Score(window_losses(trial, self.held, self.reference))
+        if self.keep:
+            self.kept[tuple(p.layers)] = Scored(value, trial, p, standard, lines)
         return value
 
     def take(self, chosen: Plan) -> tuple[nn.Module, Adapter, Plan, bool]:
-        """(model, adapter, plan, standard) of the winning candidate, whose plan is `chosen`: the plan carries the
-        search's record (chosen.meta) and the channels the repair kept."""
-        best = self.best
-        assert best is not None and best.plan.layers == chosen.layers, "the search kept another candidate"
+        """(model, adapter, plan, standard) of the chosen candidate: the plan carries the search's record
+        (chosen.meta) and the channels the repair kept."""
+        best = self.kept.get(tuple(chosen.layers))
+        assert best is not None, "the search did not keep the chosen candidate"
         best.plan.meta = {**chosen.meta, **best.plan.meta}
-        self.best = self.model = self.reference = None  # the caller's unpruned model may go once it lets go of it
+        self.kept, self.model, self.reference = {}, None, None  # the unpruned model may go once the caller lets go
         for line in best.lines:
             log.handle(line)
         return best.model, type(self.adapter)(best.model), best.plan, best.standard

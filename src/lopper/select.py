@@ -263,55 +263,75 @@ def solve_params(model, adapter: Adapter, target: Target, stats: Stats, scores: 
         tried = _walk(lambda s: candidate(count(s), s), score, metric)
     if not tried:
         raise LopperError(f"--params {frac} cannot be reached with these protections and widths: lower it")
-    best = min(tried, key=lambda c: c.get(metric, 0.0))
+    best = least_depth_within_noise(tried, metric) if score is not None else min(tried, key=lambda c: c.get(metric, 0.0))
     p = best["plan"]
     p.meta["params"] = {"target": frac, "removed": best["removed"], "choice": p.meta["target"],
-                        "candidates": [{k: v for k, v in c.items() if k != "plan"} for c in tried]}
+                        "candidates": [{k: v for k, v in c.items() if k not in ("plan", "windows")} for c in tried]}
     if score is not None:
         p.meta["params"]["search"] = metric
+        p.meta["params"]["rule"] = "the fewest dropped layers within one standard error of the lowest"
     return p
 
 
 SEARCH_SHARES = (0.0, 0.25, 0.5, 0.75, 1.0)
 # A --params search scores each candidate on SEARCH_HELD calibration windows drawn beyond --calib-samples (the
 # repair never sees them); --target-speedup's loss search repairs its candidates on SEARCH_FIT windows only.
-SEARCH_FIT, SEARCH_HELD = 16, 8
+SEARCH_FIT, SEARCH_HELD = 16, 32
 
 
 def _walk(candidate, score, metric: str) -> list[dict]:
-    """Score the shares 0.25 and 0.5 of SEARCH_SHARES, then step outward from the best while it sits at the edge of
-    what was scored (0 after 0.25; 0.75, then 1, after 0.5); shares that give the same layer count are scored once.
-    Where the score has one minimum over the shares, this ends at it after three scores (four when it lies at 0.75
-    or beyond): each score is a full repair, and starting from the middle three took a fourth whenever the best
-    was width only or depth only."""
-    done: dict[int, dict | None] = {}
+    """Score width only (share 0) and half by depth (0.5) of SEARCH_SHARES, then the next share deeper (0.75, 1)
+    for as long as the deepest scored is the one least_depth_within_noise chooses: more depth is tried only while
+    it wins by more than the noise. Shares that give the same layer count are scored once. Two repairs where
+    width wins or ties, as on every model measured (docs/decisions.md)."""
     by_layers: dict[int, dict] = {}
 
-    def visit(i: int) -> None:
+    def visit(i: int) -> dict | None:
         c = candidate(SEARCH_SHARES[i])
-        if c is not None and c["drop_layers"] in by_layers:
-            c = by_layers[c["drop_layers"]]
-        elif c is not None:
-            t = time.time()
-            c[metric] = score(c["plan"])
-            c["seconds"] = round(time.time() - t, 1)
-            by_layers[c["drop_layers"]] = c
-            log.info("candidate: %d layers dropped, %s removed, %s %.4f", c["drop_layers"], c["removed"], metric,
-                     c[metric])
-        done[i] = c
+        if c is None or c["drop_layers"] in by_layers:
+            return by_layers.get(c["drop_layers"]) if c is not None else None
+        t = time.time()
+        value = score(c["plan"])
+        c[metric], c["seconds"] = float(value), round(time.time() - t, 1)
+        c["windows"] = getattr(value, "windows", None)
+        by_layers[c["drop_layers"]] = c
+        log.info("candidate: %d layers dropped, %s removed, %s %.4f", c["drop_layers"], c["removed"], metric,
+                 c[metric])
+        return c
 
-    for i in (1, 2):
-        visit(i)
-    while True:
-        scored = {i: c for i, c in done.items() if c is not None}
-        if not scored:
+    visit(0)
+    i = 2
+    while i < len(SEARCH_SHARES) and (c := visit(i)) is not None:
+        if least_depth_within_noise(list(by_layers.values()), metric) is not c:
             break
-        best = min(scored, key=lambda i: scored[i][metric])
-        step = -1 if best == min(done) else 1 if best == max(done) else 0
-        if not step or not 0 <= best + step < len(SEARCH_SHARES) or best + step in done:
-            break
-        visit(best + step)
+        i += 1
     return sorted(by_layers.values(), key=lambda c: c["drop_layers"])
+
+
+def least_depth_within_noise(tried: list[dict], metric: str) -> dict:
+    """The candidate with the fewest dropped layers among those not worse than the lowest by more than one standard
+    error of their paired difference (per held-out window): the one-standard-error rule (Breiman et al. 1984) with
+    width as the simpler side. Why width: on SmolLM2 the self-generated held-out KL cannot tell width only from
+    half by depth (0.0079 apart, standard error 0.0099, 32 windows) while WikiText-2 and zero-shot prefer width only
+    by three standard errors, and ref-llama prefers it on every score; the repair refits each kept layer toward
+    the unpruned model, which makes up for width it removed better than for a whole layer's work. Without
+    per-window values (fewer than two windows), the lowest."""
+    best = min(tried, key=lambda c: c[metric])
+    close = [c for c in tried if c["drop_layers"] <= best["drop_layers"] and _within_noise(c, best)]
+    return min(close, key=lambda c: c["drop_layers"])
+
+
+def _within_noise(c: dict, best: dict) -> bool:
+    a, b = c.get("windows"), best.get("windows")
+    if c is best:
+        return True
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return False
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / len(d)
+    stderr = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+    c["vs_lowest"] = {"mean": round(mean, 6), "stderr": round(stderr, 6)}
+    return mean <= stderr
 
 
 def global_depth_share(frac: float) -> float:
