@@ -59,9 +59,10 @@ class RemoveOptions(Options):
                                "channels inside every kept expert)")
     plan: str = arg_field("", "replay this plan JSON instead of choosing")
     params_search: str = arg_field("auto", "how --params splits depth and width: kl = cut and repair candidate "
-                                   "mixes (a quarter, half, three quarters of the cut by depth, further out while "
-                                   "the best is at an edge) and keep the lowest KL divergence to the unpruned model "
-                                   "on held-back calibration windows; loss = the same by cross-entropy; rule = half "
+                                   "mixes (width only and half of the cut by depth, then more depth while it wins "
+                                   "by more than one standard error) scored by their KL divergence to the unpruned "
+                                   "model on held-back calibration windows, keeping the fewest dropped layers within "
+                                   "one standard error of the lowest; loss = the same by cross-entropy; rule = half "
                                    "by depth without measuring (none up to 35%% with --allocation global); cut = "
                                    "the KL of each candidate cut before any repair (one repair in all, of the "
                                    "kept candidate); auto "
@@ -439,9 +440,10 @@ def _solve_params(args: Selection, model, adapter, target: Target, stats, scores
     t = time.time()
     p = solve_params(model, adapter, target, stats, scores, args.params, metric=search.label, score=search)
     p.meta["params"]["seconds"] = round(time.time() - t, 1)
-    log.info("--params %s: %d layers dropped and the rest by width, the lowest %s of %d candidates (%.0f s)",
-             args.params, p.meta["params"]["choice"]["drop_layers"], search.label,
-             len(p.meta["params"]["candidates"]), p.meta["params"]["seconds"])
+    log.info("--params %s: %d layers dropped and the rest by width, the fewest dropped layers within one standard "
+             "error of the lowest %s of %d candidates (%.0f s)", args.params,
+             p.meta["params"]["choice"]["drop_layers"], search.label, len(p.meta["params"]["candidates"]),
+             p.meta["params"]["seconds"])
     return p
 
 

@@ -2,8 +2,8 @@
 
 A candidate is cut and repaired on a copy of the model exactly as the run will cut and repair it, then scored on
 calibration windows that the repair never saw: with `kl`, the mean per-token KL(unpruned || cut) of the next-token
-distributions (all of them, not only the sampled token, so 8 windows say more than a cross-entropy on the same
-tokens would); with `loss`, the cross-entropy on the windows' own tokens; encoders: 1 - cosine of the pooled
+distributions (all of them, not only the sampled token, so a window says more than a cross-entropy on the same
+tokens would), window by window so that two candidates are compared with a standard error; with `loss`, the cross-entropy on the windows' own tokens; encoders: 1 - cosine of the pooled
 outputs. The scored candidates' models are kept, so the run saves the very model it chose and does not repair
 again.
 
