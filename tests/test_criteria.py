@@ -124,3 +124,39 @@ def test_sleb_through_the_api(model_dir, tmp_path):
     assert r["plan"]["target"]["layer_metric"] == "sleb"
     with pytest.raises(LopperError, match="unknown"):
         Target(drop_layers=1, layer_metric="nope").check(4)
+
+
+def _edited_copy(model_copy, edit):
+    """A tiny llama folder (with tokenizer) whose weights `edit(model, adapter)` changed."""
+    import transformers
+    folder = model_copy("llama", layers=4)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        edit(model, adapter_for(model))
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_sleb_through_the_api_drops_the_layer_that_writes_nothing(model_copy, tmp_path):
+    """Layer 2 writes nothing into the residual stream, so its absence costs no loss: SLEB, run through plan(), must
+    drop it and no other (block influence would drop it too; the distinction is tested on the metric above)."""
+    def silence(model, a):
+        a.layers()[2].self_attn.o_proj.weight.zero_()
+        a.layers()[2].mlp.down_proj.weight.zero_()
+
+    folder = _edited_copy(model_copy, silence)
+    p = lopper.plan(model=str(folder), out=str(tmp_path / "plan.json"), drop_layers=1, layer_metric="sleb",
+                    calib_samples=2, seq_len=32, quiet=True)
+    assert p.layers == [0, 1, 3]
+
+
+def test_fisher_through_the_api_keeps_the_unit_the_loss_depends_on(model_copy, tmp_path):
+    """MLP channel 5 of layer 1 made 6x louder: the loss depends on it most, so Fisher, run through plan(), keeps it
+    among the few channels left."""
+    def louder(model, a):
+        _scale_unit(a, a.mlp_parts(a.layers()[1]), 5, 6.0)
+
+    folder = _edited_copy(model_copy, louder)
+    p = lopper.plan(model=str(folder), out=str(tmp_path / "plan.json"), mlp=0.9, width_metric="fisher",
+                    calib_samples=2, seq_len=32, round_to=1, quiet=True)
+    assert 5 in p.per_layer[1]["mlp"] and len(p.per_layer[1]["mlp"]) <= 3

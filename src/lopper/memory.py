@@ -20,7 +20,7 @@ The in-memory path holds the whole model at the compute dtype all along; on top 
   model's log-probabilities on SEARCH_HELD windows, float16, and the unpruned residual stream that every
   candidate's repair reads (repair.TeacherStream: 2 x layers + 1 boundaries of [samples, seq_len, hidden]).
 The estimate is weights + the largest phase + the runtime (torch and Python, about 0.5 GB on CPU). Measured on
-the issue's 0.72B random Llama (hidden 2560, 8 layers, bf16 checkpoint of 1.44 GB, 8 x 256 calibration tokens,
+a 0.72B random Llama (hidden 2560, 8 layers, bf16 checkpoint of 1.44 GB, 8 x 256 calibration tokens,
 --repair lsq, CPU float32): 5.42 GB peak resident, against 4.86 GB from this rule. Planning accuracy, not a
 bound: the point is to refuse a run that cannot fit before it loads anything, and to say what to change."""
 from __future__ import annotations

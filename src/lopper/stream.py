@@ -1,4 +1,4 @@
-"""The layer-streamed prune: peak memory independent of depth (issue 15; the sequential scheme of SparseGPT and
+"""The layer-streamed prune: peak memory independent of depth (the sequential scheme of SparseGPT and
 llm-compressor).
 
 The model is built on the meta device; the embeddings, final norm and head are read from the checkpoint and stay
