@@ -223,7 +223,7 @@ PATH_FLAGS = {
     "heal": ["MODEL", "config", "teacher", "text", "eval_text"],
     "bench": ["MODEL"],
     "export": ["MODEL", "template"],
-    "report": ["MODEL"],
+    "report": ["MODEL", "eval", "bench"],
 }
 GOOD = {"plan": ["--mlp", "0.5"], "prune": ["--mlp", "0.5"], "eval": ["--tasks", "piqa"], "bench": [],
         "heal": ["--tokens", "64", "--seq-len", "16"], "export": ["--format", "gguf"], "report": []}
@@ -252,7 +252,8 @@ def test_the_flags_walked_are_every_path_valued_flag():
     from dataclasses import fields
 
     from lopper.cli import COMMANDS
-    pathlike = {"model", "models", "config", "calib", "plan", "eval_text", "text", "task_data", "teacher", "template"}
+    pathlike = {"model", "models", "config", "calib", "plan", "eval_text", "text", "task_data", "teacher", "template",
+                "eval", "bench"}
     for command, (cls, _, _) in COMMANDS.items():
         names = {f.name for f in fields(cls)} & pathlike
         assert {"MODEL" if n in ("model", "models") else n for n in names} == set(PATH_FLAGS[command]), command

@@ -95,3 +95,23 @@ def test_a_heal_gets_its_loss_curve(pruned):
     report["heal"] = {"loss_history": [[1, 3.0], [2, 2.5], [3, 2.2]]}
     page = render(report, None)
     assert "<h2>Heal</h2>" in page and page.count("<svg") == 1
+
+
+def test_eval_and_bench_results_go_on_the_page_as_measured(pruned, tmp_path):
+    """`lopper report --eval E.json --bench B.json`: the pruned model's perplexity and zero-shot scores (with standard
+    errors) and the measured speed-ups beside their limits, every figure one of those files'."""
+    report = json.loads((pruned / "lopper_report.json").read_text())
+    ev = {"perplexity": 57.95151915046318, "zeroshot": {"tasks": {"piqa": {
+        "acc_norm": 0.583, "acc_norm_stderr": 0.0115, "main": "acc_norm", "n": 1000}}, "average": 0.583}}
+    bench = {"ratios": [{"model": "a"}, {"model": "/x/pruned", "prefill_speedup": 1.31, "prefill_limit": 1.33,
+                                         "decode_speedup_batch_1": 1.18, "decode_limit": 1.25}]}
+    (tmp_path / "e.json").write_text(json.dumps(ev))
+    (tmp_path / "b.json").write_text(json.dumps(bench))
+    out = tmp_path / "page.html"
+    lopper_main = main(["report", str(pruned), "--out", str(out), "--eval", str(tmp_path / "e.json"),
+                        "--bench", str(tmp_path / "b.json")])
+    assert lopper_main == 0
+    page = out.read_text()
+    assert "Quality of the pruned model" in page and "Speed against the original" in page
+    assert "<td>57.95</td>" in page and "<td>0.0115</td>" in page and "<td>1.31</td>" in page
+    assert [n for n in table_numbers(page) if not shown_in(n, json_values(report, ev, bench))] == []

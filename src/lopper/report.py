@@ -20,7 +20,7 @@ from pathlib import Path
 from .errors import LopperError
 from .gguf_out import beside
 from .io import PLAN_FILE, REPORT_FILE, is_gguf
-from .options import Options, arg_field, resolve_args
+from .options import Options, arg_field, existing, resolve_args
 from .plan import Plan
 
 PAGE_FILE = "lopper_report.html"
@@ -34,11 +34,17 @@ class ReportArgs(Options):
     model: str = arg_field("", "a folder written by `lopper prune` or `lopper heal`, or a .gguf file written by "
                            "`lopper prune --out FILE.gguf`", positional=True)
     out: str = arg_field("", "the HTML file to write (default: lopper_report.html beside the report)")
+    eval: str = arg_field("", "a `lopper eval --json` result of the pruned model: its perplexity and zero-shot "
+                          "accuracy (with standard errors) go on the page")
+    bench: str = arg_field("", "a `lopper bench --json` result of the original and the pruned model: measured "
+                           "speed-ups beside their FLOP and byte limits go on the page")
     quiet: bool = arg_field(False, "print nothing")
 
     def check_group(self) -> None:
         if not self.model:
             raise LopperError("no model given: pass the folder (or .gguf file) that `lopper prune` wrote")
+        for name in ("eval", "bench"):
+            existing(name, getattr(self, name), f"a JSON file that `lopper {name} --json` wrote")
 
 
 def sources(model: str) -> tuple[Path, Path]:
@@ -61,7 +67,9 @@ def write_report_page(args: ReportArgs | None = None, /, **kwargs) -> dict:
         Path(args.model) / PAGE_FILE
     report = json.loads(report_path.read_text())
     plan = Plan.load(plan_path) if plan_path.is_file() else None
-    page = render(report, plan)
+    extra = {name: json.loads(Path(getattr(args, name)).read_text()) for name in ("eval", "bench")
+             if getattr(args, name)}
+    page = render(report, plan, **extra)
     tmp = out.with_name(f".{out.name}.lopper-tmp")
     tmp.write_text(page)
     tmp.replace(out)
@@ -73,12 +81,17 @@ def available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def render(report: dict, plan: Plan | None) -> str:
-    """The whole page as one HTML string."""
+def render(report: dict, plan: Plan | None, eval: dict | None = None, bench: dict | None = None) -> str:
+    """The whole page as one HTML string; `eval` and `bench`: results of `lopper eval --json` / `lopper bench
+    --json`, shown where given."""
     if not available():
         raise LopperError("the report page draws its plots with matplotlib: pip install \"lopper[report]\"")
     title = f"lopper: {Path(str(report.get('source', 'model'))).name}"
     parts = [f"<h1>{html.escape(title)}</h1>", _command(report), "<h2>Before and after</h2>", _before_after(report)]
+    if eval:
+        parts += ["<h2>Quality of the pruned model (lopper eval)</h2>", _eval_table(eval)]
+    if bench:
+        parts += ["<h2>Speed against the original (lopper bench)</h2>", _bench_table(bench)]
     if plan is not None:
         parts += ["<h2>Layers: importance and what was dropped</h2>", _svg(layers_figure(report, plan)),
                   "<h2>Kept width per layer</h2>", _svg(widths_figure(plan))]
@@ -113,6 +126,25 @@ def _before_after(report: dict) -> str:
         rows.append(("perplexity (--eval-text)", round(before["perplexity"], 2), round(after["perplexity"], 2)))
     rows += [(name, s["before"], s["after"]) for name, s in report.get("structures", {}).items()]
     return _table(["", "before", "after"], [r for r in rows if r[1] is not None])
+
+
+def _eval_table(result: dict) -> str:
+    rows = [("perplexity", round(result["perplexity"], 2), "")] if "perplexity" in result else []
+    tasks = result.get("zeroshot", {}).get("tasks", {})
+    for name, t in tasks.items():
+        main = t["main"]
+        rows.append((f"{name} {main}", round(t[main], 4), round(t[f"{main}_stderr"], 4)))
+    if "average" in result.get("zeroshot", {}):
+        rows.append(("zero-shot average", round(result["zeroshot"]["average"], 4), ""))
+    return _table(["", "value", "standard error"], rows)
+
+
+def _bench_table(result: dict) -> str:
+    rows = []
+    for r in result.get("ratios", [])[1:]:
+        rows.append((Path(r["model"]).name, round(r["prefill_speedup"], 3), round(r["prefill_limit"], 3),
+                     round(r.get("decode_speedup_batch_1") or 0.0, 3), round(r["decode_limit"], 3)))
+    return _table(["model", "prefill speed-up", "FLOP limit", "decode speed-up (batch 1)", "byte limit"], rows)
 
 
 def _candidates_table(plan: Plan) -> str:
