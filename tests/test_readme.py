@@ -27,9 +27,9 @@ def shown_figures(markdown: str) -> list[str]:
     return found
 
 
-def json_numbers(folder: Path) -> set[tuple[int, float]]:
-    """(decimals, value) for every number in every JSON file under `folder`, rounded to 0-4 decimals at each scale."""
-    seen: set[tuple[int, float]] = set()
+def json_values(*docs) -> list[float]:
+    """Every number (not a boolean) anywhere inside the JSON documents `docs`."""
+    out: list[float] = []
 
     def walk(x):
         if isinstance(x, dict):
@@ -39,13 +39,17 @@ def json_numbers(folder: Path) -> set[tuple[int, float]]:
             for v in x:
                 walk(v)
         elif isinstance(x, (int, float)) and not isinstance(x, bool):
-            for s in SCALES:
-                for d in range(5):
-                    seen.add((d, round(x * s, d)))
+            out.append(float(x))
 
-    for path in folder.rglob("*.json"):
-        walk(json.loads(path.read_text()))
-    return seen
+    for d in docs:
+        walk(d)
+    return out
+
+
+def json_numbers(folder: Path) -> set[tuple[int, float]]:
+    """(decimals, value) for every number in every JSON file under `folder`, rounded to 0-4 decimals at each scale."""
+    values = json_values(*(json.loads(path.read_text()) for path in folder.rglob("*.json")))
+    return {(d, round(x * s, d)) for x in values for s in SCALES for d in range(5)}
 
 
 def unsupported(markdown: str, numbers: set[tuple[int, float]]) -> list[str]:

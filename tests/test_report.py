@@ -9,6 +9,7 @@ import pytest
 import lopper
 from lopper.cli import main
 from lopper.report import render
+from test_readme import json_values
 
 pytest.importorskip("matplotlib")
 FAST = dict(calib_samples=4, seq_len=16, quiet=True)
@@ -17,24 +18,6 @@ FAST = dict(calib_samples=4, seq_len=16, quiet=True)
 def table_numbers(page: str) -> list[str]:
     cells = re.findall(r"<td>(.*?)</td>", page)
     return [n for c in cells for n in re.findall(r"(?<![\w.])-?\d+(?:\.\d+)?(?:e-?\d+)?(?![\w.])", c)]
-
-
-def json_values(*docs) -> list[float]:
-    out = []
-
-    def walk(x):
-        if isinstance(x, dict):
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, list):
-            for v in x:
-                walk(v)
-        elif isinstance(x, (int, float)) and not isinstance(x, bool):
-            out.append(float(x))
-
-    for d in docs:
-        walk(d)
-    return out
 
 
 def shown_in(n: str, values: list[float]) -> bool:

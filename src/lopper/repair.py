@@ -62,15 +62,30 @@ def teacher_stream(model: nn.Module, adapter: Adapter, batches: list[torch.Tenso
     stream = TeacherStream([xs], [])
     for i, layer in enumerate(adapter.layers()):
         with resident(layer):
-            first = _attention_writers(adapter, layer)
-            outs, mids = [], []
-            for b, x in enumerate(stream.inputs[-1]):
-                y, seen = _run(layer, x, calls[b][i], first)
-                mids.append(x + sum(seen[w][1] for w in first))
-                outs.append(y)
+            outs, mids = _unpruned_layer(layer, _attention_writers(adapter, layer), stream.inputs[-1],
+                                         [c[i] for c in calls])
         stream.inputs.append(outs)
         stream.mids.append(mids)
     return stream
+
+
+def _unpruned_layer(layer, first, ts, step) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(outputs, the stream after the attention) of a layer not yet cut on the unpruned stream `ts`; `first`: its
+    attention writers."""
+    outs, mids = [], []
+    for b, t in enumerate(ts):
+        y, seen = _run(layer, t, step[b], first)
+        mids.append(t + sum(seen[w][1] for w in first))
+        outs.append(y)
+    return outs, mids
+
+
+def _through(layers, js, xs: list[torch.Tensor], calls) -> list[torch.Tensor]:
+    """The stream `xs` through layers `js` (dropped ones, on the unpruned stream), one resident at a time."""
+    for j in js:
+        with resident(layers[j]):
+            xs = [call_layer(layers[j], x, calls[b][j]) for b, x in enumerate(xs)]
+    return xs
 
 
 @torch.no_grad()
@@ -95,7 +110,8 @@ def repair(model: nn.Module, adapter: Adapter, plan: Plan, batches: list[torch.T
     xs, calls = capture_layer_inputs(model, adapter, batches)
     ts = None
     if teacher:
-        ts = stream or _leading(layers, plan.layers[0], [x.clone() for x in xs], calls)  # before any cut is masked
+        # the unpruned stream entering the first kept layer, taken before any cut is masked
+        ts = stream or TeacherStream([_through(layers, range(plan.layers[0]), [x.clone() for x in xs], calls)], [])
         if outside:
             zero(outside)
             xs = capture_layer_inputs(model, adapter, batches)[0]
@@ -124,14 +140,6 @@ def _repair_layer(adapter, plan, layers, pos, cuts, xs, ts, calls, damp, correct
     return [call_layer(layer, x, step[b]) for b, x in enumerate(xs)]
 
 
-def _leading(layers, first: int, xs: list[torch.Tensor], calls) -> TeacherStream:
-    """The unpruned stream entering the first kept layer: through the dropped layers before it, if any."""
-    for j in range(first):
-        with resident(layers[j]):
-            xs = [call_layer(layers[j], x, calls[b][j]) for b, x in enumerate(xs)]
-    return TeacherStream([xs], [])
-
-
 def _attention_writers(adapter: Adapter, layer: nn.Module) -> list[nn.Module]:
     attn = adapter.attention(layer)
     return [w for w in adapter.writers(layer) if any(w is m for m in attn.modules())]
@@ -146,14 +154,8 @@ def _toward_teacher(adapter, layers, i, nxt, cuts, xs, ts: TeacherStream, calls,
     first = _attention_writers(adapter, layer)
     rest = [w for w in adapter.writers(layer) if not any(w is m for m in first)]
     if len(ts.inputs) <= nxt:  # not given whole: layer i and the dropped layers after it, on the unpruned stream
-        mids, outs = [], []
-        for b, t in enumerate(ts.inputs[-1]):
-            y, seen = _run(layer, t, step[b], first)
-            mids.append(t + sum(seen[w][1] for w in first))
-            outs.append(y)
-        for j in range(i + 1, nxt):  # one resident at a time
-            with resident(layers[j]):
-                outs = [call_layer(layers[j], y, calls[b][j]) for b, y in enumerate(outs)]
+        outs, mids = _unpruned_layer(layer, first, ts.inputs[-1], step)
+        outs = _through(layers, range(i + 1, nxt), outs, calls)
         ts.inputs[-1:], ts.mids[-1:] = [outs], [mids]  # only the stream entering the next kept layer is kept
     else:
         mids, outs = ts.mids[i], ts.inputs[nxt]

@@ -317,21 +317,23 @@ def least_depth_within_noise(tried: list[dict], metric: str) -> dict:
     the unpruned model, which makes up for width it removed better than for a whole layer's work. Without
     per-window values (fewer than two windows), the lowest."""
     best = min(tried, key=lambda c: c[metric])
-    close = [c for c in tried if c["drop_layers"] <= best["drop_layers"] and _within_noise(c, best)]
+    close = [best]
+    for c in tried:
+        d = _paired(c.get("windows"), best.get("windows")) if c is not best else None
+        if d is not None and c["drop_layers"] <= best["drop_layers"]:
+            c["vs_lowest"] = {k: round(v, 6) for k, v in d.items()}  # the report shows why it was (not) chosen
+            if d["mean"] <= d["stderr"]:
+                close.append(c)
     return min(close, key=lambda c: c["drop_layers"])
 
 
-def _within_noise(c: dict, best: dict) -> bool:
-    a, b = c.get("windows"), best.get("windows")
-    if c is best:
-        return True
+def _paired(a: list[float] | None, b: list[float] | None) -> dict | None:
+    """Mean of a - b over the windows and its standard error; None without two or more paired values."""
     if not a or not b or len(a) != len(b) or len(a) < 2:
-        return False
+        return None
     d = [x - y for x, y in zip(a, b)]
     mean = sum(d) / len(d)
-    stderr = (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
-    c["vs_lowest"] = {"mean": round(mean, 6), "stderr": round(stderr, 6)}
-    return mean <= stderr
+    return {"mean": mean, "stderr": (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5}
 
 
 def global_depth_share(frac: float) -> float:
